@@ -1,0 +1,711 @@
+/*
+ * backend.c -- making new authenticated backend connections.
+ *
+ * SYNOPSIS
+ *	int backend_job_start(Broker *b, const char *user, const char *password,
+ *	                      const uint8_t verifier[], BackendDoneFn done, void *userdata,
+ *	                      BackendJob **ret);
+ *	void backend_job_cancel(BackendJob *j);
+ * DESCRIPTION
+ *	One job per new connection, an explicit state machine driven by the
+ *	event loop (never blocking it):
+ *	  RESOLVE -> CONNECT -> GREETING [-> CAPA_PRE] -> LOGIN [-> CAPA_POST] -> done
+ *	The name is resolved for every new connection (IPv4 and IPv6, or as
+ *	ipversion_only says), each address is tried in turn (rotated with
+ *	dns_rr), each phase has backend_timeout. LOGIN sends user and password
+ *	as quoted strings when they are plain 7-bit text, else as literals
+ *	(LITERAL+ when the server offers it, else synchronising, waiting for
+ *	"+"): never pasted raw. Server responses go through the IMAP scanner in
+ *	server mode. A probe job (user NULL) only learns the greeting's
+ *	capabilities and logs out.
+ *	On success the done callback gets a lent Conn with the post-login
+ *	capabilities; on NO/BAD it gets the server's resp-text (with its
+ *	response code) to relay; on any other failure IPC_FAIL_UNAVAILABLE.
+ *	The job is freed after the callback returns.
+ * SECURITY
+ *	The LOGIN command (it contains the password) lives in one heap buffer,
+ *	wiped as soon as it is sent. Backend text is sanitised before logging.
+ */
+#include <errno.h>
+#include <netdb.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "broker.h"
+#include "fd-util.h"
+#include "log.h"
+
+#define BACKEND_INBUF 8192
+#define BACKEND_MAX_LINE 65536
+#define LOGIN_SYNC_MAX 2
+
+typedef enum BackendPhase {
+        PHASE_RESOLVE,
+        PHASE_CONNECT,
+        PHASE_GREETING,
+        PHASE_CAPA_PRE,
+        PHASE_LOGIN,
+        PHASE_CAPA_POST,
+        PHASE_LOGOUT, /* probe only */
+        _PHASE_MAX,
+} BackendPhase;
+
+static const char *const phase_names[_PHASE_MAX] = {
+        [PHASE_RESOLVE] = "resolve",    [PHASE_CONNECT] = "connect",     [PHASE_GREETING] = "greeting",
+        [PHASE_CAPA_PRE] = "capability", [PHASE_LOGIN] = "login",        [PHASE_CAPA_POST] = "capability",
+        [PHASE_LOGOUT] = "logout",
+};
+static_assert(ELEMENTSOF(phase_names) == _PHASE_MAX, "phase name table");
+
+struct BackendJob {
+        Broker *broker;
+        BackendPhase phase;
+        bool probe;
+        char user[IPC_USER_MAX];
+        uint8_t verifier[VERIFIER_SIZE];
+        BackendDoneFn done;
+        void *userdata;
+
+        Resolve *resolve;
+        struct addrinfo *ai_list, *ai_cur, *ai_try; /* ai_cur: next to try; ai_try: being tried */
+        unsigned ai_left;
+
+        int fd;
+        sd_event_source *io, *timer;
+        ImapScanner *scanner;
+
+        char *out;          /* pending output (may hold the password) */
+        size_t out_len, out_pos, out_size;
+        size_t sync_at[LOGIN_SYNC_MAX]; /* offsets in out where we wait for "+" */
+        unsigned n_sync, sync_next;
+        bool wait_continuation;
+
+        char caps_post[IPC_CAPS_MAX];
+        bool have_caps_post;
+        char password[IPC_PASSWORD_MAX]; /* until the LOGIN command is built */
+};
+
+static void job_enter_phase(BackendJob *j, BackendPhase p);
+
+static void job_free(BackendJob *j) {
+        if (!j)
+                return;
+        resolve_cancel(j->resolve);
+        if (j->ai_list)
+                freeaddrinfo(j->ai_list);
+        j->io = sd_event_source_disable_unref(j->io);
+        j->timer = sd_event_source_disable_unref(j->timer);
+        j->fd = safe_close(j->fd);
+        imap_scanner_free(j->scanner);
+        if (j->out) {
+                explicit_bzero(j->out, j->out_size);
+                free(j->out);
+        }
+        explicit_bzero(j->password, sizeof(j->password));
+        explicit_bzero(j->verifier, sizeof(j->verifier));
+        j->broker->n_pending--;
+        free(j);
+}
+
+/* Finish: hand the result to the owner, then free. */
+static void job_finish(BackendJob *j, int error, IpcFailStatus status, const char *text) {
+        Broker *b = j->broker;
+        Conn *c = NULL;
+
+        if (error == 0 && !j->probe) {
+                Caps *caps = caps_intern(b, j->caps_post);
+                if (caps)
+                        c = conn_new_lent(b, j->fd, j->user, j->verifier, caps);
+                caps_unref(caps);
+                if (c) {
+                        j->fd = -EBADF; /* now owned by the Conn */
+                        b->stats.backend_logins++;
+                } else
+                        error = -ENOMEM;
+        }
+        if (error < 0 && status == 0) {
+                status = IPC_FAIL_UNAVAILABLE;
+                text = "[UNAVAILABLE] Backend server not available, try again later.";
+        }
+        if (status == IPC_FAIL_NO || status == IPC_FAIL_BAD)
+                b->stats.login_failures++;
+        else if (status == IPC_FAIL_UNAVAILABLE)
+                b->stats.backend_errors++;
+
+        j->io = sd_event_source_disable_unref(j->io);
+        j->timer = sd_event_source_disable_unref(j->timer);
+        if (j->done)
+                j->done(j->userdata, error, c, status, text);
+        job_free(j);
+}
+
+static void job_fail(BackendJob *j, int error, const char *why) {
+        log_warning("backend %s:%s: %s failed for %s: %s", j->broker->cfg.server_hostname,
+                    j->broker->cfg.server_port, phase_names[j->phase], j->probe ? "(probe)" : j->user, why);
+        job_finish(j, error < 0 ? error : -EIO, 0, NULL);
+}
+
+static int job_on_timer(sd_event_source *s, uint64_t usec, void *userdata) {
+        BackendJob *j = userdata;
+        job_fail(j, -ETIMEDOUT, "timed out");
+        return 0;
+}
+
+static void job_arm_timer(BackendJob *j) {
+        uint64_t when = now_usec() + (uint64_t) j->broker->cfg.backend_timeout * 1000000ULL;
+        if (j->timer) {
+                (void) sd_event_source_set_time(j->timer, when);
+                (void) sd_event_source_set_enabled(j->timer, SD_EVENT_ONESHOT);
+        } else
+                (void) sd_event_add_time(j->broker->event, &j->timer, CLOCK_MONOTONIC, when, 0, job_on_timer, j);
+}
+
+static void job_enter_phase(BackendJob *j, BackendPhase p) {
+        log_debug("backend job %s: %s -> %s", j->probe ? "(probe)" : j->user, phase_names[j->phase], phase_names[p]);
+        j->phase = p;
+        job_arm_timer(j);
+}
+
+/* ---- output ---- */
+
+static int out_reserve(BackendJob *j, size_t more) {
+        if (j->out_len + more <= j->out_size)
+                return 0;
+        size_t n = MAX(j->out_size * 2, j->out_len + more + 256);
+        char *p = malloc(n);
+        if (!p)
+                return -ENOMEM;
+        if (j->out) {
+                memcpy(p, j->out, j->out_len);
+                explicit_bzero(j->out, j->out_size);
+                free(j->out);
+        }
+        j->out = p;
+        j->out_size = n;
+        return 0;
+}
+
+static int out_append(BackendJob *j, const char *s, size_t l) {
+        int r = out_reserve(j, l);
+        if (r < 0)
+                return r;
+        memcpy(j->out + j->out_len, s, l);
+        j->out_len += l;
+        return 0;
+}
+
+static bool astring_can_quote(const char *s, size_t l) {
+        if (l > 1024)
+                return false;
+        for (size_t i = 0; i < l; i++) {
+                unsigned char c = (unsigned char) s[i];
+                if (c == 0 || c >= 0x80 || c == '\r' || c == '\n')
+                        return false;
+        }
+        return true;
+}
+
+static bool caps_has(const char *caps, const char *word) {
+        size_t wl = strlen(word);
+        for (const char *p = caps; *p;) {
+                while (*p == ' ')
+                        p++;
+                const char *e = p;
+                while (*e && *e != ' ')
+                        e++;
+                if ((size_t) (e - p) == wl && strncasecmp(p, word, wl) == 0)
+                        return true;
+                p = e;
+        }
+        return false;
+}
+
+/* Append s as an IMAP astring: quoted with escapes, or a literal. */
+static int out_append_astring(BackendJob *j, const char *s) {
+        size_t l = strlen(s);
+        int r;
+
+        if (astring_can_quote(s, l)) {
+                r = out_reserve(j, 2 * l + 2);
+                if (r < 0)
+                        return r;
+                j->out[j->out_len++] = '"';
+                for (size_t i = 0; i < l; i++) {
+                        if (s[i] == '"' || s[i] == '\\')
+                                j->out[j->out_len++] = '\\';
+                        j->out[j->out_len++] = s[i];
+                }
+                j->out[j->out_len++] = '"';
+                return 0;
+        }
+
+        const char *caps = j->broker->prelogin_caps;
+        bool nonsync = caps_has(caps, "LITERAL+") || (caps_has(caps, "LITERAL-") && l <= 4096);
+        char hdr[32];
+        int n = snprintf(hdr, sizeof(hdr), "{%zu%s}\r\n", l, nonsync ? "+" : "");
+        r = out_append(j, hdr, (size_t) n);
+        if (r < 0)
+                return r;
+        if (!nonsync) {
+                if (j->n_sync >= LOGIN_SYNC_MAX)
+                        return -E2BIG;
+                j->sync_at[j->n_sync++] = j->out_len;
+        }
+        return out_append(j, s, l);
+}
+
+static int job_flush(BackendJob *j) {
+        size_t limit = j->sync_next < j->n_sync ? j->sync_at[j->sync_next] : j->out_len;
+
+        while (j->out_pos < limit) {
+                ssize_t n = send(j->fd, j->out + j->out_pos, limit - j->out_pos, MSG_NOSIGNAL | MSG_DONTWAIT);
+                if (n < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        if (errno == EAGAIN)
+                                return sd_event_source_set_io_events(j->io, EPOLLIN | EPOLLOUT);
+                        return -errno;
+                }
+                j->out_pos += (size_t) n;
+        }
+        if (j->out_pos == j->out_len) {
+                explicit_bzero(j->out, j->out_size); /* the password is gone from memory */
+                j->out_len = j->out_pos = 0;
+                j->n_sync = j->sync_next = 0;
+                j->wait_continuation = false;
+        } else
+                j->wait_continuation = true; /* stopped at a sync literal */
+        return sd_event_source_set_io_events(j->io, EPOLLIN);
+}
+
+static int job_send(BackendJob *j, const char *cmd) {
+        int r = out_append(j, cmd, strlen(cmd));
+        if (r < 0)
+                return r;
+        return job_flush(j);
+}
+
+static int job_send_login(BackendJob *j) {
+        int r;
+        if (caps_has(j->broker->prelogin_caps, "LOGINDISABLED"))
+                return -EPERM;
+        r = out_append(j, "L LOGIN ", 8);
+        if (r >= 0)
+                r = out_append_astring(j, j->user);
+        if (r >= 0)
+                r = out_append(j, " ", 1);
+        if (r >= 0)
+                r = out_append_astring(j, j->password);
+        if (r >= 0)
+                r = out_append(j, "\r\n", 2);
+        explicit_bzero(j->password, sizeof(j->password));
+        if (r < 0)
+                return r;
+        job_enter_phase(j, PHASE_LOGIN);
+        return job_flush(j);
+}
+
+/* ---- input ---- */
+
+/* "[CODE] text" from a status response, for the client. */
+static void resp_text_of(const ImapLine *l, char *out, size_t outsize) {
+        size_t o = 0;
+        out[0] = '\0';
+        for (size_t i = 2; i < l->n_args; i++) {
+                const ImapArg *a = &l->args[i];
+                int n = 0;
+                if (a->type == IMAP_ARG_CODE)
+                        n = snprintf(out + o, outsize - o, "[%s] ", a->str);
+                else if (a->type == IMAP_ARG_TEXT)
+                        n = snprintf(out + o, outsize - o, "%s", a->str);
+                if (n < 0 || (size_t) n >= outsize - o) {
+                        o = outsize - 1;
+                        break;
+                }
+                o += (size_t) n;
+        }
+        out[o] = '\0';
+        while (o > 0 && out[o - 1] == ' ')
+                out[--o] = '\0';
+        if (o == 0)
+                snprintf(out, outsize, "Failed.");
+}
+
+/* Copy capabilities from a CODE "CAPABILITY a b c" or untagged args. */
+static bool caps_from_code(const ImapArg *a, char *out, size_t outsize) {
+        if (a->type != IMAP_ARG_CODE || a->truncated || a->len < 11 || strncasecmp(a->str, "CAPABILITY", 10) != 0 ||
+            (a->str[10] != ' ' && a->str[10] != '\0'))
+                return false;
+        const char *p = a->str + 10;
+        while (*p == ' ')
+                p++;
+        snprintf(out, outsize, "%s", p);
+        return true;
+}
+
+static bool caps_from_untagged(const ImapLine *l, char *out, size_t outsize) {
+        if (l->n_args < 2 || !imap_arg_is(&l->args[1], "CAPABILITY"))
+                return false;
+        size_t o = 0;
+        out[0] = '\0';
+        for (size_t i = 2; i < l->n_args; i++) {
+                const ImapArg *a = &l->args[i];
+                if (a->type != IMAP_ARG_ATOM || a->truncated)
+                        continue;
+                if (o + a->len + 2 > outsize)
+                        break;
+                if (o > 0)
+                        out[o++] = ' ';
+                memcpy(out + o, a->str, a->len);
+                o += a->len;
+                out[o] = '\0';
+        }
+        return true;
+}
+
+static bool is_status(const ImapArg *a, const char *s) {
+        return a->type == IMAP_ARG_ATOM && imap_arg_is(a, s);
+}
+
+static void set_prelogin_caps(Broker *b, const char *caps) {
+        snprintf(b->prelogin_caps, sizeof(b->prelogin_caps), "%s", caps);
+        b->prelogin_caps_known = true;
+}
+
+/* Returns 1 when the job finished (and is freed), 0 to continue, <0 to fail. */
+static int job_handle_line(BackendJob *j, const ImapLine *l) {
+        Broker *b = j->broker;
+        char text[IPC_TEXT_MAX];
+
+        if (l->n_args < 1)
+                return -EPROTO;
+        const ImapArg *tag = &l->args[0];
+        bool untagged = tag->type == IMAP_ARG_ATOM && tag->len == 1 && tag->str[0] == '*';
+        bool cont = tag->type == IMAP_ARG_ATOM && tag->len == 1 && tag->str[0] == '+';
+
+        if (untagged && l->n_args >= 2 && is_status(&l->args[1], "BYE") && j->phase != PHASE_LOGOUT) {
+                resp_text_of(l, text, sizeof(text));
+                char clean[256];
+                log_warning("backend said BYE during %s: %s", phase_names[j->phase],
+                            log_sanitize(text, strlen(text), clean, sizeof(clean)));
+                return -ECONNRESET;
+        }
+
+        switch (j->phase) {
+        case PHASE_GREETING:
+                if (!untagged || l->n_args < 2 || !is_status(&l->args[1], "OK"))
+                        return -EPROTO;
+                if (l->n_args >= 3 && caps_from_code(&l->args[2], text, sizeof(text)))
+                        set_prelogin_caps(b, text);
+                else {
+                        job_enter_phase(j, PHASE_CAPA_PRE);
+                        return job_send(j, "C CAPABILITY\r\n");
+                }
+                if (j->probe) {
+                        job_enter_phase(j, PHASE_LOGOUT);
+                        return job_send(j, "P LOGOUT\r\n");
+                }
+                return job_send_login(j);
+
+        case PHASE_CAPA_PRE:
+                if (untagged) {
+                        if (caps_from_untagged(l, text, sizeof(text)))
+                                set_prelogin_caps(b, text);
+                        return 0;
+                }
+                if (!imap_arg_is(tag, "C") || l->n_args < 2 || !is_status(&l->args[1], "OK"))
+                        return -EPROTO;
+                if (j->probe) {
+                        job_enter_phase(j, PHASE_LOGOUT);
+                        return job_send(j, "P LOGOUT\r\n");
+                }
+                return job_send_login(j);
+
+        case PHASE_LOGIN:
+                if (cont) {
+                        if (!j->wait_continuation)
+                                return -EPROTO;
+                        j->sync_next++;
+                        return job_flush(j);
+                }
+                if (untagged) {
+                        if (caps_from_untagged(l, j->caps_post, sizeof(j->caps_post)))
+                                j->have_caps_post = true;
+                        return 0;
+                }
+                if (!imap_arg_is(tag, "L") || l->n_args < 2)
+                        return -EPROTO;
+                if (is_status(&l->args[1], "OK")) {
+                        if (l->n_args >= 3 && caps_from_code(&l->args[2], j->caps_post, sizeof(j->caps_post)))
+                                j->have_caps_post = true;
+                        if (!j->have_caps_post) {
+                                job_enter_phase(j, PHASE_CAPA_POST);
+                                return job_send(j, "C CAPABILITY\r\n");
+                        }
+                        return 1;
+                }
+                if (is_status(&l->args[1], "NO") || is_status(&l->args[1], "BAD")) {
+                        resp_text_of(l, text, sizeof(text));
+                        job_finish(j, -EACCES, is_status(&l->args[1], "NO") ? IPC_FAIL_NO : IPC_FAIL_BAD, text);
+                        return 2;
+                }
+                return -EPROTO;
+
+        case PHASE_CAPA_POST:
+                if (untagged) {
+                        if (caps_from_untagged(l, j->caps_post, sizeof(j->caps_post)))
+                                j->have_caps_post = true;
+                        return 0;
+                }
+                if (!imap_arg_is(tag, "C") || l->n_args < 2 || !is_status(&l->args[1], "OK"))
+                        return -EPROTO;
+                return 1;
+
+        case PHASE_LOGOUT:
+                if (untagged)
+                        return 0;
+                return 1;
+
+        default:
+                return -EPROTO;
+        }
+}
+
+static int job_on_io(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
+        BackendJob *j = userdata;
+        uint8_t buf[BACKEND_INBUF];
+        int r;
+
+        if (revents & EPOLLOUT) {
+                r = job_flush(j);
+                if (r < 0) {
+                        job_fail(j, r, strerror(-r));
+                        return 0;
+                }
+        }
+        if (!(revents & (EPOLLIN | EPOLLHUP | EPOLLERR)))
+                return 0;
+
+        ssize_t n = recv(j->fd, buf, sizeof(buf), MSG_DONTWAIT);
+        if (n < 0) {
+                if (errno == EAGAIN || errno == EINTR)
+                        return 0;
+                job_fail(j, -errno, strerror(errno));
+                return 0;
+        }
+        if (n == 0) {
+                if (j->phase == PHASE_LOGOUT)
+                        job_finish(j, 0, 0, NULL);
+                else
+                        job_fail(j, -ECONNRESET, "connection closed by the server");
+                return 0;
+        }
+
+        size_t off = 0;
+        while (off < (size_t) n) {
+                size_t used = 0;
+                r = imap_scanner_feed(j->scanner, buf + off, (size_t) n - off, &used);
+                off += used;
+                if (r < 0) {
+                        char why[128];
+                        snprintf(why, sizeof(why), "bad response: %s", imap_scanner_error_text(j->scanner));
+                        job_fail(j, r, why);
+                        return 0;
+                }
+                if (r != IMAP_SCAN_LINE)
+                        continue;
+                r = job_handle_line(j, imap_scanner_line(j->scanner));
+                if (r < 0) {
+                        job_fail(j, r, r == -EPERM ? "server says LOGINDISABLED (TLS is not available yet)"
+                                       : r == -ECONNRESET ? "server said BYE" : "unexpected response");
+                        return 0;
+                }
+                if (r == 2)
+                        return 0; /* finished with NO/BAD, freed */
+                if (r == 1) {
+                        if (off != (size_t) n) {
+                                job_fail(j, -EPROTO, "unexpected data after login");
+                                return 0;
+                        }
+                        job_finish(j, 0, 0, NULL);
+                        return 0;
+                }
+        }
+        return 0;
+}
+
+/* ---- connecting ---- */
+
+static void job_connect_next(BackendJob *j);
+
+static int job_on_connected(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
+        BackendJob *j = userdata;
+        int err = 0;
+        socklen_t l = sizeof(err);
+
+        if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &l) < 0)
+                err = errno;
+        if (err != 0) {
+                char host[NI_MAXHOST] = "?";
+                (void) getnameinfo(j->ai_try->ai_addr, j->ai_try->ai_addrlen, host, sizeof(host), NULL, 0, NI_NUMERICHOST);
+                log_info("backend %s port %s: connect: %s", host, j->broker->cfg.server_port, strerror(err));
+                j->io = sd_event_source_disable_unref(j->io);
+                j->fd = safe_close(j->fd);
+                job_connect_next(j);
+                return 0;
+        }
+        j->io = sd_event_source_disable_unref(j->io);
+        int r = sd_event_add_io(j->broker->event, &j->io, j->fd, EPOLLIN, job_on_io, j);
+        if (r < 0) {
+                job_fail(j, r, "sd_event_add_io");
+                return 0;
+        }
+        job_enter_phase(j, PHASE_GREETING);
+        return 0;
+}
+
+static void job_connect_next(BackendJob *j) {
+        Broker *b = j->broker;
+
+        while (j->ai_left > 0) {
+                struct addrinfo *ai = j->ai_cur;
+                j->ai_left--;
+                j->ai_cur = ai->ai_next ? ai->ai_next : j->ai_list; /* wrap: dns_rr may start mid-list */
+
+                int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, ai->ai_protocol);
+                if (fd < 0)
+                        continue;
+                (void) fd_set_nodelay(fd);
+                if (b->cfg.send_tcp_keepalives)
+                        (void) fd_set_keepalive(fd);
+                j->fd = fd;
+                int r = connect(fd, ai->ai_addr, ai->ai_addrlen);
+                if (r < 0 && errno != EINPROGRESS) {
+                        j->fd = safe_close(j->fd);
+                        continue;
+                }
+                j->ai_try = ai;
+                r = sd_event_add_io(b->event, &j->io, fd, EPOLLOUT, job_on_connected, j);
+                if (r < 0) {
+                        job_fail(j, r, "sd_event_add_io");
+                        return;
+                }
+                job_enter_phase(j, PHASE_CONNECT);
+                return;
+        }
+        job_fail(j, -EHOSTUNREACH, "no address could be connected");
+}
+
+static void job_on_resolved(void *userdata, int error, struct addrinfo *ai) {
+        BackendJob *j = userdata;
+        j->resolve = NULL;
+        if (error < 0 || !ai) {
+                job_fail(j, -EHOSTUNREACH, "cannot resolve server_hostname");
+                return;
+        }
+        j->ai_list = ai;
+        unsigned n = 0;
+        for (struct addrinfo *p = ai; p; p = p->ai_next)
+                n++;
+        j->ai_left = n;
+        j->ai_cur = ai;
+        if (j->broker->cfg.dns_rr && n > 1) {
+                unsigned skip = j->broker->rr_counter++ % n;
+                for (unsigned i = 0; i < skip; i++)
+                        j->ai_cur = j->ai_cur->ai_next;
+        }
+        job_connect_next(j);
+}
+
+int backend_job_start(Broker *b, const char *user, const char *password, const uint8_t verifier[VERIFIER_SIZE],
+                      BackendDoneFn done, void *userdata, BackendJob **ret) {
+        ImapScanLimits lim = {
+                .max_line = BACKEND_MAX_LINE,
+                .max_literal = BACKEND_MAX_LINE,
+                .max_depth = 16,
+                .capture_size = 16384,
+                .max_args = 512,
+        };
+        int r;
+
+        BackendJob *j = calloc(1, sizeof(BackendJob));
+        if (!j)
+                return -ENOMEM;
+        j->broker = b;
+        j->fd = -EBADF;
+        j->done = done;
+        j->userdata = userdata;
+        j->probe = !user;
+        b->n_pending++;
+        if (user) {
+                snprintf(j->user, sizeof(j->user), "%s", user);
+                snprintf(j->password, sizeof(j->password), "%s", password);
+                memcpy(j->verifier, verifier, VERIFIER_SIZE);
+        }
+        r = imap_scanner_new(IMAP_SCAN_SERVER, &lim, &j->scanner);
+        if (r < 0) {
+                job_free(j);
+                return r;
+        }
+
+        int family = b->cfg.ipversion_only == 4 ? AF_INET : b->cfg.ipversion_only == 6 ? AF_INET6 : AF_UNSPEC;
+        j->phase = PHASE_RESOLVE;
+        job_arm_timer(j);
+        *ret = j;
+        r = resolve_start(b, b->cfg.server_hostname, b->cfg.server_port, family, job_on_resolved, j, &j->resolve);
+        if (r < 0) {
+                *ret = NULL;
+                job_free(j);
+                return r;
+        }
+        return 0;
+}
+
+void backend_job_cancel(BackendJob *j) {
+        if (!j)
+                return;
+        j->done = NULL;
+        job_free(j);
+}
+
+/* ---- start-up probe: learn the pre-login capabilities ---- */
+
+static sd_event_source *probe_timer;
+static BackendJob *probe_job;
+
+static void probe_done(void *userdata, int error, Conn *c, IpcFailStatus status, const char *text) {
+        Broker *b = userdata;
+        probe_job = NULL;
+        if (b->prelogin_caps_known) {
+                char clean[256];
+                log_info("backend %s:%s capabilities: %s", b->cfg.server_hostname, b->cfg.server_port,
+                         log_sanitize(b->prelogin_caps, strlen(b->prelogin_caps), clean, sizeof(clean)));
+                return;
+        }
+        /* Try again later; sessions greet with a minimal list meanwhile. */
+        (void) sd_event_source_set_time(probe_timer, now_usec() + 5 * 1000000ULL);
+        (void) sd_event_source_set_enabled(probe_timer, SD_EVENT_ONESHOT);
+}
+
+static int probe_on_timer(sd_event_source *s, uint64_t usec, void *userdata) {
+        Broker *b = userdata;
+        if (b->prelogin_caps_known || probe_job || b->stopping)
+                return 0;
+        int r = backend_job_start(b, NULL, NULL, NULL, probe_done, b, &probe_job);
+        if (r < 0)
+                log_warning_errno(r, "cannot start backend probe: %m");
+        return 0;
+}
+
+int backend_init(Broker *b) {
+        return sd_event_add_time(b->event, &probe_timer, CLOCK_MONOTONIC, 0, 0, probe_on_timer, b);
+}
+
+void backend_done(Broker *b) {
+        backend_job_cancel(probe_job);
+        probe_job = NULL;
+        probe_timer = sd_event_source_disable_unref(probe_timer);
+}

@@ -1,0 +1,147 @@
+/*
+ * broker.h -- types shared by the broker's modules.
+ *
+ *	main.c     start-up, signals, the sd-event loop
+ *	pool.c     idle authenticated backend connections, expiry, limits
+ *	backend.c  new backend connections: resolve, connect, greeting, LOGIN
+ *	peer.c     session peers on the broker socket: hello, checkout, checkin
+ *	resolve.c  asynchronous getaddrinfo feeding the event loop
+ */
+#pragma once
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <systemd/sd-event.h>
+
+#include "config.h"
+#include "imap-scanner.h"
+#include "ipc-proto.h"
+
+#define VERIFIER_SIZE 32 /* HMAC-SHA256 */
+
+typedef struct Broker Broker;
+typedef struct Conn Conn;
+typedef struct Peer Peer;
+typedef struct BackendJob BackendJob;
+typedef struct Resolve Resolve;
+struct addrinfo;
+
+/* Interned capability string: many connections share one copy. */
+typedef struct Caps {
+        unsigned refcount;
+        char text[];
+} Caps;
+Caps *caps_intern(Broker *b, const char *text);
+Caps *caps_ref(Caps *c);
+Caps *caps_unref(Caps *c);
+
+typedef enum ConnState {
+        CONN_IDLE,   /* in the pool, fd watched */
+        CONN_LENT,   /* fd is with a session; we hold no copy */
+        CONN_DETACHED, /* in no list and no counter: about to be freed */
+        _CONN_STATE_MAX,
+} ConnState;
+
+/* An authenticated backend connection the broker accounts for. */
+struct Conn {
+        Broker *broker;
+        ConnState state;
+        int fd;                         /* -EBADF while lent */
+        uint64_t cookie;                /* SO_COOKIE: the same socket must come back */
+        uint64_t ticket;                /* lease ticket while lent */
+        Peer *peer;                     /* borrower while lent */
+        sd_event_source *io;            /* idle watch */
+        uint64_t created_usec, idle_since_usec;
+        unsigned uses;
+        Caps *caps;                     /* post-login capabilities */
+        uint8_t verifier[VERIFIER_SIZE];
+        Conn *bucket_next, *bucket_prev; /* pool hash chain (idle only) */
+        Conn *idle_next, *idle_prev;     /* global idle list, oldest first */
+        char user[IPC_USER_MAX];
+};
+
+typedef struct Stats {
+        uint64_t clients_total;       /* sessions that said hello */
+        uint64_t logins_total;        /* successful checkouts */
+        uint64_t reuses_total;        /* ... from the pool */
+        uint64_t backend_logins;      /* fresh backend LOGINs that succeeded */
+        uint64_t login_failures;      /* NO/BAD from the backend */
+        uint64_t backend_errors;      /* connect/greeting/timeout errors */
+        uint64_t expired;             /* idle connections expired */
+        uint64_t dead;                /* idle connections found dead */
+        uint64_t dirty;               /* returned dirty or never returned */
+        unsigned peak_lent, peak_idle, peak_clients;
+} Stats;
+
+struct Broker {
+        sd_event *event;
+        Config cfg;
+        const char *config_path;
+
+        int listen_fd;
+        bool listen_fd_inherited;
+        sd_event_source *listen_source;
+        gid_t allowed_gid;
+        bool allowed_gid_set;
+
+        uint8_t hmac_key[32];
+        uint64_t next_ticket;
+
+        /* pool */
+        Conn **buckets;
+        size_t n_buckets;
+        Conn *idle_head, *idle_tail;
+        sd_event_source *expiry_timer;
+        unsigned n_idle, n_lent, n_pending; /* n_pending: backend logins under way */
+
+        /* peers */
+        Peer *peers;
+        unsigned n_peers;
+
+        /* backend */
+        Caps *caps_cache;                /* last interned post-login caps */
+        char prelogin_caps[IPC_CAPS_MAX];
+        bool prelogin_caps_known;
+        unsigned rr_counter;
+        int resolve_pipe[2];
+        sd_event_source *resolve_source;
+
+        Stats stats;
+        bool stopping;
+};
+
+/* pool.c */
+int pool_init(Broker *b);
+void pool_done(Broker *b);
+unsigned pool_total(const Broker *b);
+int pool_checkout(Broker *b, const char *user, const uint8_t verifier[VERIFIER_SIZE], Conn **ret);
+int pool_make_room(Broker *b);
+int pool_checkin(Broker *b, Conn *c, int fd);
+void pool_conn_free(Conn *c, bool logout);
+void pool_drop_user_except(Broker *b, const char *user, const uint8_t verifier[VERIFIER_SIZE]);
+void pool_logout_all(Broker *b);
+void compute_verifier(const Broker *b, const char *user, const char *password, uint8_t ret[VERIFIER_SIZE]);
+Conn *conn_new_lent(Broker *b, int fd, const char *user, const uint8_t verifier[VERIFIER_SIZE], Caps *caps);
+
+/* backend.c */
+typedef void (*BackendDoneFn)(void *userdata, int error, Conn *conn, IpcFailStatus status, const char *text);
+int backend_job_start(Broker *b, const char *user, const char *password, const uint8_t verifier[VERIFIER_SIZE],
+                      BackendDoneFn done, void *userdata, BackendJob **ret);
+void backend_job_cancel(BackendJob *j);
+int backend_init(Broker *b);
+void backend_done(Broker *b);
+
+/* resolve.c */
+typedef void (*ResolveDoneFn)(void *userdata, int error, struct addrinfo *ai);
+int resolve_init(Broker *b);
+void resolve_done(Broker *b);
+int resolve_start(Broker *b, const char *host, const char *port, int family, ResolveDoneFn done,
+                  void *userdata, Resolve **ret);
+void resolve_cancel(Resolve *r);
+
+/* peer.c */
+int peer_listen(Broker *b);
+void peer_close_all(Broker *b);
+
+/* main.c */
+void broker_update_status(Broker *b);

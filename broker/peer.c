@@ -1,0 +1,391 @@
+/*
+ * peer.c -- session processes talking to the broker over its socket.
+ *
+ * SYNOPSIS
+ *	int peer_listen(Broker *b);
+ *	void peer_close_all(Broker *b);
+ * DESCRIPTION
+ *	Accepts sessions on the broker socket (an inherited LISTEN_FDS socket,
+ *	or one we bind at broker_socket), checks SO_PEERCRED (root, our own
+ *	uid, or broker_socket_group), and runs each peer's small state machine:
+ *	  NEW --hello--> READY --checkout--> PENDING --> LEASED --checkin--> READY
+ *	(PENDING only while a fresh backend login is under way.) One request
+ *	at a time per peer. A peer that sends anything out of order or
+ *	malformed is dropped alone; a peer that goes away holding a lease
+ *	takes the connection with it: the broker never reuses it.
+ * SECURITY
+ *	The pool key comes from compute_verifier() over the credentials the
+ *	peer sent; the peer's checkin is accepted only for its own ticket and
+ *	only with the very socket it was lent (SO_COOKIE).
+ */
+#include <errno.h>
+#include <grp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <systemd/sd-daemon.h>
+#include <unistd.h>
+
+#include "broker.h"
+#include "fd-util.h"
+#include "ipc.h"
+#include "log.h"
+
+typedef enum PeerState {
+        PEER_NEW,
+        PEER_READY,
+        PEER_PENDING,
+        PEER_LEASED,
+        _PEER_STATE_MAX,
+} PeerState;
+
+static const char *const peer_state_names[_PEER_STATE_MAX] = {
+        [PEER_NEW] = "new", [PEER_READY] = "ready", [PEER_PENDING] = "pending", [PEER_LEASED] = "leased",
+};
+static_assert(ELEMENTSOF(peer_state_names) == _PEER_STATE_MAX, "peer state names");
+
+struct Peer {
+        Broker *broker;
+        int fd;
+        sd_event_source *io;
+        pid_t pid;
+        uid_t uid;
+        PeerState state;
+        BackendJob *job;
+        Conn *lease;
+        char user[IPC_USER_MAX]; /* of the pending checkout, for logs */
+        Peer *next, *prev;
+};
+
+static void peer_enter_state(Peer *p, PeerState s) {
+        log_debug("session %d: %s -> %s", (int) p->pid, peer_state_names[p->state], peer_state_names[s]);
+        p->state = s;
+}
+
+static void peer_free(Peer *p) {
+        Broker *b = p->broker;
+
+        if (p->job) {
+                backend_job_cancel(p->job);
+                p->job = NULL;
+        }
+        if (p->lease) {
+                /* It left with the session: never reuse, we have no fd anyway. */
+                log_info("session %d went away holding the connection of %s: not reused", (int) p->pid,
+                         p->lease->user);
+                b->stats.dirty++;
+                pool_conn_free(p->lease, false);
+                p->lease = NULL;
+        }
+        p->io = sd_event_source_disable_unref(p->io);
+        p->fd = safe_close(p->fd);
+        if (p->prev)
+                p->prev->next = p->next;
+        else
+                b->peers = p->next;
+        if (p->next)
+                p->next->prev = p->prev;
+        b->n_peers--;
+        free(p);
+        broker_update_status(b);
+}
+
+static int peer_send_fail(Peer *p, IpcFailStatus status, const char *text) {
+        struct ipc_checkout_fail m = { .status = status };
+        snprintf(m.text, sizeof(m.text), "%s", text);
+        return ipc_send(p->fd, IPC_CHECKOUT_FAIL, &m, sizeof(m), -EBADF);
+}
+
+/* Hand c to the peer. On failure the connection is closed (never reused). */
+static int peer_lend(Peer *p, Conn *c, bool reused) {
+        Broker *b = p->broker;
+        struct ipc_checkout_ok m = { .flags = reused ? IPC_LEASE_F_REUSED : 0 };
+        int r;
+
+        c->ticket = ++b->next_ticket;
+        c->peer = p;
+        snprintf(m.caps, sizeof(m.caps), "%s", c->caps ? c->caps->text : "");
+        m.ticket = c->ticket;
+        r = ipc_send(p->fd, IPC_CHECKOUT_OK, &m, sizeof(m), c->fd);
+        if (r < 0) {
+                pool_conn_free(c, true);
+                return r;
+        }
+        c->fd = -EBADF; /* ipc_send closed our copy: the session owns it now */
+        p->lease = c;
+        b->stats.logins_total++;
+        if (reused)
+                b->stats.reuses_total++;
+        peer_enter_state(p, PEER_LEASED);
+        log_info("login %s: %s (session %d)", c->user, reused ? "cache hit" : "new backend connection", (int) p->pid);
+        broker_update_status(b);
+        return 0;
+}
+
+static void peer_on_backend_done(void *userdata, int error, Conn *c, IpcFailStatus status, const char *text) {
+        Peer *p = userdata;
+        Broker *b = p->broker;
+        int r;
+
+        p->job = NULL;
+        if (error == 0 && c) {
+                pool_drop_user_except(b, c->user, c->verifier);
+                r = peer_lend(p, c, false);
+        } else {
+                if (status == IPC_FAIL_NO || status == IPC_FAIL_BAD) {
+                        char clean[256];
+                        log_notice("login %s failed: %s", p->user, log_sanitize(text, strlen(text), clean, sizeof(clean)));
+                }
+                peer_enter_state(p, PEER_READY);
+                r = peer_send_fail(p, status, text);
+        }
+        if (r < 0) {
+                log_warning_errno(r, "session %d: cannot answer: %m", (int) p->pid);
+                peer_free(p);
+        }
+}
+
+static int peer_on_checkout(Peer *p, struct ipc_checkout *m) {
+        Broker *b = p->broker;
+        uint8_t verifier[VERIFIER_SIZE];
+        Conn *c;
+        int r;
+
+        snprintf(p->user, sizeof(p->user), "%s", m->user);
+        compute_verifier(b, m->user, m->password, verifier);
+
+        if (!(m->flags & IPC_CHECKOUT_F_FRESH) && !b->stopping) {
+                r = pool_checkout(b, m->user, verifier, &c);
+                if (r == 0)
+                        return peer_lend(p, c, true);
+        }
+        if (b->stopping)
+                return peer_send_fail(p, IPC_FAIL_UNAVAILABLE, "[UNAVAILABLE] Proxy is shutting down, try again later.");
+
+        r = pool_make_room(b);
+        if (r < 0) {
+                log_warning("login %s refused: cache_size (%u) backend connections are all in use", m->user,
+                            b->cfg.cache_size);
+                return peer_send_fail(p, IPC_FAIL_UNAVAILABLE, "[UNAVAILABLE] Too many connections, try again later.");
+        }
+        peer_enter_state(p, PEER_PENDING);
+        r = backend_job_start(b, m->user, m->password, verifier, peer_on_backend_done, p, &p->job);
+        explicit_bzero(verifier, sizeof(verifier));
+        if (r < 0) {
+                peer_enter_state(p, PEER_READY);
+                log_warning_errno(r, "cannot start backend login: %m");
+                return peer_send_fail(p, IPC_FAIL_UNAVAILABLE, "[UNAVAILABLE] Internal error, try again later.");
+        }
+        return 0;
+}
+
+static int peer_dispatch(Peer *p, IpcMessage *m) {
+        Broker *b = p->broker;
+
+        switch (m->type) {
+        case IPC_HELLO: {
+                if (p->state != PEER_NEW)
+                        return -EPROTO;
+                if (m->u.hello.version != IPC_PROTO_VERSION) {
+                        log_warning("session %d speaks protocol %u, we speak %u: mixed installation?", (int) p->pid,
+                                    m->u.hello.version, IPC_PROTO_VERSION);
+                        return -EPROTONOSUPPORT;
+                }
+                struct ipc_hello_reply rep = { .version = IPC_PROTO_VERSION };
+                if (b->prelogin_caps_known) {
+                        rep.flags |= IPC_HELLO_F_BACKEND_KNOWN;
+                        snprintf(rep.caps, sizeof(rep.caps), "%s", b->prelogin_caps);
+                }
+                b->stats.clients_total++;
+                peer_enter_state(p, PEER_READY);
+                return ipc_send(p->fd, IPC_HELLO_REPLY, &rep, sizeof(rep), -EBADF);
+        }
+        case IPC_CHECKOUT:
+                if (p->state != PEER_READY)
+                        return -EPROTO;
+                return peer_on_checkout(p, &m->u.checkout);
+
+        case IPC_CHECKIN: {
+                if (p->state != PEER_LEASED || !p->lease || m->u.checkin.ticket != p->lease->ticket)
+                        return -EPROTO;
+                Conn *c = TAKE_PTR(p->lease);
+                int fd = TAKE_FD(m->fd);
+                peer_enter_state(p, PEER_READY);
+                if (m->u.checkin.state == IPC_CONN_CLEAN) {
+                        int r = pool_checkin(b, c, fd);
+                        if (r == -EPERM) {
+                                log_warning("session %d returned a socket it was not lent: dropping", (int) p->pid);
+                                b->stats.dirty++;
+                                pool_conn_free(c, false);
+                                return -EPROTO;
+                        }
+                        return 0;
+                }
+                c->fd = fd;
+                b->stats.dirty++;
+                log_debug("connection of %s returned dirty: logging out", c->user);
+                pool_conn_free(c, true);
+                return 0;
+        }
+        default:
+                return -EPROTO;
+        }
+}
+
+static int peer_on_io(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
+        Peer *p = userdata;
+        IpcMessage m;
+        int r;
+
+        for (;;) {
+                r = ipc_recv(p->fd, &m);
+                if (r == -EAGAIN)
+                        return 0;
+                if (r < 0)
+                        break;
+                r = peer_dispatch(p, &m);
+                ipc_message_done(&m);
+                if (r < 0)
+                        break;
+        }
+        if (r != -ECONNRESET)
+                log_warning_errno(r, "session %d: dropping: %m", (int) p->pid);
+        peer_free(p);
+        return 0;
+}
+
+static bool peer_allowed(Broker *b, const struct ucred *cred) {
+        if (cred->uid == 0 || cred->uid == geteuid())
+                return true;
+        return b->allowed_gid_set && cred->gid == b->allowed_gid;
+}
+
+static int listen_on_accept(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
+        Broker *b = userdata;
+
+        for (;;) {
+                int cfd = accept4(fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+                if (cfd < 0) {
+                        if (errno == EAGAIN || errno == EINTR || errno == ECONNABORTED)
+                                return 0;
+                        log_warning_errno(-errno, "accept on broker socket: %m");
+                        return 0;
+                }
+                struct ucred cred;
+                socklen_t l = sizeof(cred);
+                if (getsockopt(cfd, SOL_SOCKET, SO_PEERCRED, &cred, &l) < 0 || !peer_allowed(b, &cred)) {
+                        log_warning("refusing broker connection from pid %d uid %d: not a session", (int) cred.pid,
+                                    (int) cred.uid);
+                        safe_close(cfd);
+                        continue;
+                }
+                Peer *p = calloc(1, sizeof(Peer));
+                if (!p) {
+                        safe_close(cfd);
+                        continue;
+                }
+                p->broker = b;
+                p->fd = cfd;
+                p->pid = cred.pid;
+                p->uid = cred.uid;
+                p->state = PEER_NEW;
+                int r = sd_event_add_io(b->event, &p->io, cfd, EPOLLIN, peer_on_io, p);
+                if (r < 0) {
+                        safe_close(cfd);
+                        free(p);
+                        continue;
+                }
+                p->next = b->peers;
+                if (p->next)
+                        p->next->prev = p;
+                b->peers = p;
+                b->n_peers++;
+                if (b->n_peers > b->stats.peak_clients)
+                        b->stats.peak_clients = b->n_peers;
+        }
+}
+
+static int bind_broker_socket(Broker *b) {
+        const char *path = b->cfg.broker_socket;
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        size_t l = strlen(path);
+        int r;
+
+        if (l == 0 || l >= sizeof(sa.sun_path))
+                return log_error_errno(-EINVAL, "broker_socket %s: path too long", path);
+        memcpy(sa.sun_path, path, l + 1);
+
+        /* A live broker already there? Then do not steal its socket. */
+        int probe;
+        if (ipc_connect(path, &probe) == 0) {
+                safe_close(probe);
+                return log_error_errno(-EADDRINUSE, "broker_socket %s: another broker is running", path);
+        }
+
+        _cleanup_free_ char *dir = strdup(path);
+        if (!dir)
+                return -ENOMEM;
+        char *slash = strrchr(dir, '/');
+        if (slash && slash != dir) {
+                *slash = '\0';
+                if (mkdir(dir, 0755) < 0 && errno != EEXIST)
+                        return log_error_errno(-errno, "mkdir %s: %m", dir);
+        }
+
+        _cleanup_close_ int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+        if (fd < 0)
+                return log_error_errno(-errno, "socket: %m");
+        (void) unlink(path);
+        mode_t old = umask(0117);
+        r = bind(fd, (struct sockaddr *) &sa, (socklen_t) (offsetof(struct sockaddr_un, sun_path) + l + 1));
+        umask(old);
+        if (r < 0)
+                return log_error_errno(-errno, "bind %s: %m", path);
+        if (b->allowed_gid_set && chown(path, (uid_t) -1, b->allowed_gid) < 0)
+                return log_error_errno(-errno, "chown %s: %m", path);
+        if (listen(fd, SOMAXCONN) < 0)
+                return log_error_errno(-errno, "listen %s: %m", path);
+        b->listen_fd = TAKE_FD(fd);
+        return 0;
+}
+
+int peer_listen(Broker *b) {
+        int r, n;
+
+        if (b->cfg.broker_socket_group) {
+                struct group *g = getgrnam(b->cfg.broker_socket_group);
+                if (!g)
+                        return log_error_errno(-ENOENT, "broker_socket_group %s: no such group", b->cfg.broker_socket_group);
+                b->allowed_gid = g->gr_gid;
+                b->allowed_gid_set = true;
+        }
+
+        n = sd_listen_fds(true);
+        if (n > 1)
+                return log_error_errno(-EINVAL, "expected one inherited socket, got %d", n);
+        if (n == 1) {
+                if (sd_is_socket_unix(SD_LISTEN_FDS_START, SOCK_SEQPACKET, 1, NULL, 0) <= 0)
+                        return log_error_errno(-EINVAL, "inherited socket is not a listening AF_UNIX SOCK_SEQPACKET socket");
+                b->listen_fd = SD_LISTEN_FDS_START;
+                b->listen_fd_inherited = true;
+                (void) fd_set_nonblock(b->listen_fd, true);
+                (void) fd_set_cloexec(b->listen_fd, true);
+        } else {
+                r = bind_broker_socket(b);
+                if (r < 0)
+                        return r;
+        }
+        return sd_event_add_io(b->event, &b->listen_source, b->listen_fd, EPOLLIN, listen_on_accept, b);
+}
+
+void peer_close_all(Broker *b) {
+        b->listen_source = sd_event_source_disable_unref(b->listen_source);
+        if (b->listen_fd >= 0 && !b->listen_fd_inherited)
+                (void) unlink(b->cfg.broker_socket);
+        b->listen_fd = safe_close(b->listen_fd);
+        while (b->peers)
+                peer_free(b->peers);
+}

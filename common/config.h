@@ -1,0 +1,90 @@
+/*
+ * config.h -- imapproxy.conf reader (up-imapproxy's format). See config.c
+ * and imapproxy.conf(5).
+ */
+#pragma once
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#define CONFIG_LINE_MAX 4096           /* bytes per line, without the line end */
+#define CONFIG_FILE_MAX (1024 * 1024)  /* bytes config_load_file() reads at most */
+
+#ifndef SYSCONFDIR
+#define SYSCONFDIR "/etc"
+#endif
+#define CONFIG_DEFAULT_PATH SYSCONFDIR "/imapproxy.conf"
+
+typedef struct Config {
+        /* ---- up-imapproxy 1.2.8 keys ---- */
+        char *server_hostname;         /* backend host (name or address); required by the broker */
+        char *server_port;             /* backend port/service; default "143" */
+        unsigned connect_retries;      /* accepted; not used (backend tried per login) */
+        unsigned connect_delay;        /* accepted; not used */
+        unsigned cache_size;           /* max backend connections, lent + idle; default 3072 */
+        char *listen_port;             /* launcher's business; read by scripts/imapproxy-demo */
+        char *listen_address;          /* idem */
+        unsigned cache_expiration_time; /* seconds an idle pooled connection lives; default 300 */
+        char *proc_username;
+        char *proc_groupname;
+        char *stat_filename;
+        char *protocol_log_filename;
+        int syslog_facility;           /* LOG_* facility; default LOG_MAIL */
+        int syslog_prioritymask;       /* max LOG_* level logged; default LOG_INFO */
+        bool send_tcp_keepalives;
+        bool enable_select_cache;      /* accepted; SELECT always goes to the server */
+        bool foreground_mode;          /* accepted; we always run in the foreground */
+        bool force_tls;
+        char *chroot_directory;
+        char *preauth_command;
+        bool enable_admin_commands;
+        char *tls_ca_file;
+        char *tls_ca_path;
+        char *tls_cert_file;
+        char *tls_key_file;
+        bool tls_verify_server;
+        char *tls_ciphers;
+        bool tls_no_tlsv1;
+        bool tls_no_tlsv1_1;
+        bool tls_no_tlsv1_2;
+        char *auth_sasl_plain_username;
+        char *auth_sasl_plain_password; /* secret */
+        char *auth_shared_secret;       /* secret */
+        bool dns_rr;                   /* round-robin new connections over resolved addresses */
+        unsigned ipversion_only;       /* 4, 6, or 0 for both */
+
+        /* ---- imapproxy keys ---- */
+        char *broker_socket;           /* default IPC_DEFAULT_SOCKET */
+        char *broker_socket_group;     /* group allowed to connect (besides root and the broker's uid) */
+        unsigned backend_timeout;      /* s: connect, greeting, login, each backend reply; default 30 */
+        unsigned client_prelogin_timeout; /* s: client idle before login; default 60 */
+        unsigned client_idle_timeout;  /* s: client idle after login; default 1800 */
+        unsigned max_prelogin_line;    /* bytes; default 8192 */
+        unsigned max_command_line;     /* bytes after login; default 65536 */
+        uint64_t max_literal_size;     /* bytes after login; default 1 GiB */
+} Config;
+
+/* Called once per occurrence of a key that is accepted but not applied (or
+ * applied with a caveat, e.g. server_port 993); msg is "FILE:LINE: KEY: why"
+ * and never contains the value of a secret. warn may be NULL. */
+typedef void (*ConfigWarnFn)(void *userdata, const char *msg);
+
+/* Defaults for every field (strings that have a default are strdup'ed). 0 or -ENOMEM. */
+int config_init(Config *c);
+
+/* Parse a file / a buffer (name is used in messages) on top of what c holds.
+ * Returns 0, -ENOENT (file missing), -errno (I/O), or -EINVAL with
+ * err = "FILE:LINE: KEY: reason" (NUL-terminated, truncated to errsize).
+ * On failure c may be partially updated: parse into a fresh Config and swap. */
+int config_load_file(Config *c, const char *path, ConfigWarnFn warn, void *userdata, char *err,
+                     size_t errsize);
+int config_load_buffer(Config *c, const char *name, const char *buf, size_t len, ConfigWarnFn warn,
+                       void *userdata, char *err, size_t errsize);
+
+/* Frees strings (wiping secrets first). Accepts a zeroed or half-built Config. */
+void config_done(Config *c);
+
+/* Print "key value" for every key (secrets shown as "(set)"), for --check-config. */
+void config_dump(const Config *c, FILE *f);

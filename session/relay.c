@@ -1,0 +1,680 @@
+/*
+ * relay.c -- the client after login: relay both ways, intercept LOGOUT,
+ * return the backend connection.
+ *
+ * SYNOPSIS
+ *	int relay_run(Session *s);
+ * DESCRIPTION
+ *	Non-blocking relay between the client socket and the lent backend
+ *	socket with one buffer per direction and poll(). Both directions go
+ *	through the IMAP scanner so that command boundaries are known:
+ *	  client -> backend: a command's first segment (up to its first literal
+ *	    or its end) is held until complete, so LOGOUT is recognised and never
+ *	    forwarded; literal bodies stream through as they arrive.
+ *	  backend -> client: forwarded as read; tagged completions are matched
+ *	    against the commands we forwarded (a tag we did not forward means the
+ *	    streams disagree: the connection is tainted), continuations release
+ *	    synchronising literals and IDLE.
+ *	The phases:
+ *	  ACTIVE --client LOGOUT, or client gone at a command boundary--> DRAIN
+ *	  DRAIN  --all forwarded commands answered--> RESET (if a mailbox may be
+ *	         selected: our own UNSELECT, responses swallowed) --> DONE
+ *	At DONE the connection goes back to the broker CLEAN only if nothing
+ *	tainted it (state-changing commands such as ENABLE or COMPRESS, unknown
+ *	commands, a client that left mid-command, a backend BYE, a scanner
+ *	error); otherwise DIRTY. Then the client gets "* BYE" and its tagged OK
+ *	in one write.
+ */
+#include <errno.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "fd-util.h"
+#include "log.h"
+#include "session.h"
+
+#define RELAY_CHUNK 65536
+#define TAG_TRACK_MAX 64
+#define PIPELINE_MAX 128
+#define PROXY_TAG "IMAPPROXY-RESET"
+
+typedef enum RelayPhase {
+        RELAY_ACTIVE,
+        RELAY_DRAIN,
+        RELAY_RESET,
+        RELAY_DONE,
+        _RELAY_PHASE_MAX,
+} RelayPhase;
+
+static const char *const relay_phase_names[_RELAY_PHASE_MAX] = {
+        [RELAY_ACTIVE] = "active", [RELAY_DRAIN] = "drain", [RELAY_RESET] = "reset", [RELAY_DONE] = "done",
+};
+static_assert(ELEMENTSOF(relay_phase_names) == _RELAY_PHASE_MAX, "phase names");
+
+typedef enum CmdKind {
+        CMD_OTHER,    /* no lasting effect on the connection beyond the selected mailbox */
+        CMD_SELECT,   /* SELECT/EXAMINE: a mailbox may be selected afterwards */
+        CMD_UNSELECT, /* CLOSE/UNSELECT: unselected after OK */
+        CMD_IDLE,
+        CMD_TAINT,    /* changes the connection for good, or unknown */
+        CMD_RESET,    /* ours */
+} CmdKind;
+
+typedef struct PendingCmd {
+        char tag[TAG_TRACK_MAX + 1];
+        CmdKind kind;
+} PendingCmd;
+
+typedef struct Relay {
+        Session *s;
+        RelayPhase phase;
+        ImapScanner *csc, *ssc;
+
+        uint8_t *cbuf;                 /* client -> backend */
+        size_t ccap, clen, cscan, cready, csent;
+        uint8_t *sbuf;                 /* backend -> client */
+        size_t slen, sscan, sfwd, ssent;
+
+        bool client_reading, client_alive, backend_open;
+        bool server_scan_ok;
+        bool selected;                 /* a mailbox may be selected */
+        bool tainted;                  /* never reuse */
+        const char *taint_reason;
+
+        /* the client command being scanned */
+        bool cmd_classified, cmd_forwarded_part, expect_raw;
+        char cmd_tag[TAG_TRACK_MAX + 1];
+        bool literal_wait;             /* sync literal forwarded, waiting for "+" */
+        bool idle_active;              /* "+" seen for IDLE, DONE not yet sent */
+
+        bool logout_requested;
+        char *logout_tag;
+        const char *bye_text;
+
+        uint64_t last_client_usec, phase_deadline_usec;
+        PendingCmd pend[PIPELINE_MAX];
+        unsigned n_pend;
+} Relay;
+
+static void relay_taint(Relay *r, const char *why) {
+        if (!r->tainted)
+                log_debug("connection of %s not reusable: %s", r->s->user, why);
+        r->tainted = true;
+        if (!r->taint_reason)
+                r->taint_reason = why;
+}
+
+static void relay_enter_phase(Relay *r, RelayPhase p) {
+        log_debug("relay %s: %s -> %s", r->s->user, relay_phase_names[r->phase], relay_phase_names[p]);
+        r->phase = p;
+        r->phase_deadline_usec = now_usec() + (uint64_t) r->s->cfg.backend_timeout * 1000000ULL;
+}
+
+/* ---- command tracking ---- */
+
+static CmdKind classify(const ImapLine *l) {
+        static const char *const harmless[] = {
+                "CAPABILITY", "NOOP", "CHECK", "CREATE", "DELETE", "RENAME", "SUBSCRIBE", "UNSUBSCRIBE",
+                "LIST", "LSUB", "STATUS", "APPEND", "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY", "MOVE",
+                "UID", "NAMESPACE", "GETQUOTA", "GETQUOTAROOT", "SETQUOTA", "GETACL", "SETACL", "DELETEACL",
+                "LISTRIGHTS", "MYRIGHTS", "GETMETADATA", "SETMETADATA", "ID", "SORT", "THREAD", "ESEARCH",
+                "XLIST", "GENURLAUTH", "URLFETCH", "RESETKEY", "REPLACE",
+        };
+        const ImapArg *cmd = &l->args[1];
+
+        if (imap_arg_is(cmd, "SELECT") || imap_arg_is(cmd, "EXAMINE"))
+                return CMD_SELECT;
+        if (imap_arg_is(cmd, "CLOSE") || imap_arg_is(cmd, "UNSELECT"))
+                return CMD_UNSELECT;
+        if (imap_arg_is(cmd, "IDLE"))
+                return CMD_IDLE;
+        for (size_t i = 0; i < ELEMENTSOF(harmless); i++)
+                if (imap_arg_is(cmd, harmless[i]))
+                        return CMD_OTHER;
+        return CMD_TAINT; /* ENABLE, COMPRESS, STARTTLS, NOTIFY, LANGUAGE, AUTHENTICATE, unknown... */
+}
+
+static bool tag_trackable(const ImapArg *a) {
+        return a->type == IMAP_ARG_ATOM && !a->truncated && a->len > 0 && a->len <= TAG_TRACK_MAX &&
+               a->depth == 0 && !(a->len == 1 && (a->str[0] == '*' || a->str[0] == '+'));
+}
+
+static void pend_push(Relay *r, const char *tag, CmdKind kind) {
+        if (r->n_pend >= PIPELINE_MAX) {
+                relay_taint(r, "too many pipelined commands to track");
+                return;
+        }
+        PendingCmd *p = &r->pend[r->n_pend++];
+        snprintf(p->tag, sizeof(p->tag), "%s", tag);
+        p->kind = kind;
+}
+
+static int pend_find(Relay *r, const ImapArg *tag) {
+        for (unsigned i = 0; i < r->n_pend; i++)
+                if (strlen(r->pend[i].tag) == tag->len && memcmp(r->pend[i].tag, tag->str, tag->len) == 0)
+                        return (int) i;
+        return -1;
+}
+
+static void pend_remove(Relay *r, unsigned i) {
+        memmove(&r->pend[i], &r->pend[i + 1], (r->n_pend - i - 1) * sizeof(PendingCmd));
+        r->n_pend--;
+}
+
+static bool pend_has_idle(const Relay *r) {
+        for (unsigned i = 0; i < r->n_pend; i++)
+                if (r->pend[i].kind == CMD_IDLE)
+                        return true;
+        return false;
+}
+
+/* First segment of a client command complete: decide what it is. */
+static void client_classify(Relay *r, const ImapLine *l) {
+        r->cmd_classified = true;
+        r->cmd_tag[0] = '\0';
+        if (l->n_args < 2 || !tag_trackable(&l->args[0]) || l->args[1].type != IMAP_ARG_ATOM) {
+                relay_taint(r, "client line that is not a command we can track");
+                return;
+        }
+        memcpy(r->cmd_tag, l->args[0].str, l->args[0].len);
+        r->cmd_tag[l->args[0].len] = '\0';
+        CmdKind k = classify(l);
+        if (k == CMD_TAINT)
+                relay_taint(r, "state-changing or unknown command");
+        if (k == CMD_SELECT)
+                r->selected = true; /* from now on, whatever the answer */
+        pend_push(r, r->cmd_tag, k);
+}
+
+static bool is_logout_line(const ImapLine *l) {
+        return l->n_args == 2 && tag_trackable(&l->args[0]) && imap_arg_is(&l->args[1], "LOGOUT");
+}
+
+static void start_drain(Relay *r) {
+        r->client_reading = false;
+        r->clen = r->cready; /* anything after LOGOUT, or a partial line, is dropped */
+        if (r->cscan > r->clen)
+                r->cscan = r->clen;
+        relay_enter_phase(r, RELAY_DRAIN);
+}
+
+/* The client is gone or refused: end like a LOGOUT if we are at a command
+ * boundary, else the connection cannot be trusted. */
+static void client_gone(Relay *r, const char *why) {
+        bool boundary = imap_scanner_at_line_start(r->csc) && r->cready == r->clen && !r->literal_wait;
+        log_debug("client of %s: %s (%s)", r->s->user, why, boundary ? "at a command boundary" : "mid-command");
+        if (r->idle_active && boundary && r->expect_raw) {
+                /* End the IDLE for it: the backend answers the IDLE's tag. */
+                static const char done[] = "DONE\r\n";
+                if (r->clen + sizeof(done) - 1 <= r->ccap) {
+                        memcpy(r->cbuf + r->clen, done, sizeof(done) - 1);
+                        r->clen += sizeof(done) - 1;
+                        r->cscan = r->cready = r->clen;
+                        r->idle_active = r->expect_raw = false;
+                }
+        }
+        if (!boundary || r->expect_raw)
+                relay_taint(r, "client left in the middle of a command");
+        r->client_reading = false;
+        start_drain(r);
+}
+
+static void client_refuse(Relay *r, const char *text) {
+        char msg[TAG_TRACK_MAX + 256];
+        const ImapLine *pl = imap_scanner_partial_line(r->csc);
+        const char *tag = "*";
+        char tagbuf[TAG_TRACK_MAX + 1];
+        if (pl && pl->n_args > 0 && tag_trackable(&pl->args[0])) {
+                memcpy(tagbuf, pl->args[0].str, pl->args[0].len);
+                tagbuf[pl->args[0].len] = '\0';
+                tag = tagbuf;
+        }
+        r->bye_text = text;
+        if (r->cmd_forwarded_part)
+                relay_taint(r, "client command refused after part of it was forwarded");
+        int n = snprintf(msg, sizeof(msg), "%s BAD %s\r\n", tag, text);
+        if (r->client_alive && n > 0 && (size_t) n < sizeof(msg))
+                (void) client_write(r->s, msg, (size_t) n);
+        /* Drop the refused command and everything after it; end the session. */
+        r->clen = r->cscan = r->cready;
+        r->cmd_forwarded_part = false;
+        imap_scanner_reset(r->csc);
+        r->client_reading = false;
+        start_drain(r);
+}
+
+/* Scan new client bytes; move cready over what may be forwarded. */
+static void client_scan(Relay *r) {
+        while (r->cscan < r->clen && r->phase == RELAY_ACTIVE) {
+                uint64_t rem = imap_scanner_literal_remaining(r->csc);
+                size_t avail = r->clen - r->cscan, used = 0;
+                if (rem > 0) {
+                        /* literal body: stream it */
+                        size_t take = rem < avail ? (size_t) rem : avail;
+                        int ev = imap_scanner_feed(r->csc, r->cbuf + r->cscan, take, &used);
+                        r->cscan += used;
+                        r->cready = r->cscan;
+                        if (ev < 0 || used == 0) {
+                                relay_taint(r, "scanner stuck in a literal");
+                                return;
+                        }
+                        continue;
+                }
+
+                int ev = imap_scanner_feed(r->csc, r->cbuf + r->cscan, avail, &used);
+                r->cscan += used;
+                if (ev < 0) {
+                        switch (ev) {
+                        case -EMSGSIZE:
+                                client_refuse(r, "Command line too long.");
+                                break;
+                        case -EFBIG:
+                                client_refuse(r, "Literal too big.");
+                                break;
+                        default:
+                                client_refuse(r, imap_scanner_error_text(r->csc));
+                        }
+                        return;
+                }
+                if (ev == IMAP_SCAN_NEED_MORE)
+                        return;
+                if (ev == IMAP_SCAN_LITERAL) {
+                        uint64_t size;
+                        unsigned flags;
+                        imap_scanner_literal(r->csc, &size, &flags);
+                        if (!r->cmd_classified)
+                                client_classify(r, imap_scanner_partial_line(r->csc));
+                        r->cready = r->cscan;
+                        r->cmd_forwarded_part = true;
+                        if (!(flags & IMAP_LITERAL_NONSYNC))
+                                r->literal_wait = true;
+                        continue;
+                }
+                /* IMAP_SCAN_LINE */
+                const ImapLine *l = imap_scanner_line(r->csc);
+                if (r->expect_raw) {
+                        r->expect_raw = false; /* DONE (or an AUTHENTICATE answer) */
+                        r->idle_active = false;
+                } else if (!r->cmd_classified && is_logout_line(l)) {
+                        r->logout_requested = true;
+                        r->logout_tag = strndup(l->args[0].str, l->args[0].len);
+                        if (!r->logout_tag)
+                                relay_taint(r, "out of memory");
+                        r->clen = r->cscan = r->cready; /* LOGOUT is ours: never forwarded */
+                        start_drain(r);
+                        return;
+                } else if (!r->cmd_classified)
+                        client_classify(r, l);
+                r->cready = r->cscan;
+                r->cmd_classified = r->cmd_forwarded_part = false;
+        }
+}
+
+/* ---- backend side ---- */
+
+static void start_reset_or_finish(Relay *r);
+
+static void server_line(Relay *r, const ImapLine *l) {
+        if (l->n_args == 0)
+                return;
+        const ImapArg *tag = &l->args[0];
+
+        if (tag->type == IMAP_ARG_ATOM && tag->len == 1 && tag->str[0] == '*') {
+                if (l->n_args >= 2 && imap_arg_is(&l->args[1], "BYE"))
+                        relay_taint(r, "backend said BYE");
+                return;
+        }
+        if (tag->type == IMAP_ARG_ATOM && tag->len == 1 && tag->str[0] == '+') {
+                if (r->literal_wait)
+                        r->literal_wait = false;
+                else if (pend_has_idle(r) && !r->idle_active) {
+                        if (imap_scanner_at_line_start(r->csc) && r->cscan == r->clen) {
+                                imap_scanner_expect_raw_line(r->csc);
+                                r->expect_raw = true;
+                                r->idle_active = true;
+                        } else
+                                relay_taint(r, "client sent data before IDLE was accepted");
+                } else
+                        relay_taint(r, "unexpected continuation request");
+                return;
+        }
+
+        int i = pend_find(r, tag);
+        if (i < 0) {
+                relay_taint(r, "backend answered a command we did not forward");
+                return;
+        }
+        bool ok = l->n_args >= 2 && imap_arg_is(&l->args[1], "OK");
+        PendingCmd *p = &r->pend[i];
+        switch (p->kind) {
+        case CMD_UNSELECT:
+                if (ok)
+                        r->selected = false;
+                break;
+        case CMD_RESET:
+                r->selected = false; /* OK, or NO/BAD "no mailbox selected": unselected either way */
+                break;
+        case CMD_IDLE:
+                if (r->expect_raw) {
+                        /* IDLE ended by the server before DONE: the client's next line is a command. */
+                        imap_scanner_reset(r->csc);
+                        r->expect_raw = false;
+                }
+                r->idle_active = false;
+                break;
+        default:
+                break;
+        }
+        if (r->literal_wait && strcmp(p->tag, r->cmd_tag) == 0) {
+                /* The backend refused a synchronising literal: the client will not send it. */
+                r->literal_wait = false;
+                imap_scanner_reset(r->csc);
+                r->cmd_classified = r->cmd_forwarded_part = false;
+        }
+        CmdKind kind = p->kind;
+        pend_remove(r, (unsigned) i);
+        if (kind == CMD_RESET) {
+                relay_enter_phase(r, RELAY_DONE);
+                return;
+        }
+}
+
+/* Scan sbuf[sscan..slen); bytes scanned while forwarding to the client
+ * extend sfwd; in RESET they are swallowed. */
+static void server_scan(Relay *r) {
+        while (r->sscan < r->slen) {
+                bool forward = r->phase == RELAY_ACTIVE || r->phase == RELAY_DRAIN;
+                size_t used = r->slen - r->sscan;
+                if (r->server_scan_ok) {
+                        int ev = imap_scanner_feed(r->ssc, r->sbuf + r->sscan, r->slen - r->sscan, &used);
+                        if (ev < 0) {
+                                relay_taint(r, "backend response the scanner rejects");
+                                r->server_scan_ok = false;
+                                used = r->slen - r->sscan;
+                        } else if (ev == IMAP_SCAN_LINE) {
+                                r->sscan += used;
+                                if (forward)
+                                        r->sfwd = r->sscan;
+                                server_line(r, imap_scanner_line(r->ssc));
+                                if (r->phase == RELAY_DRAIN && r->n_pend == 0)
+                                        start_reset_or_finish(r);
+                                continue;
+                        }
+                }
+                r->sscan += used;
+                if (forward)
+                        r->sfwd = r->sscan;
+        }
+}
+
+static int backend_send_own(Relay *r, const char *cmd) {
+        /* Our command goes after everything already forwarded; cbuf has room:
+         * reading from the client stopped and the held part was dropped. */
+        size_t l = strlen(cmd);
+        if (r->clen + l > r->ccap)
+                return -ENOBUFS;
+        memcpy(r->cbuf + r->clen, cmd, l);
+        r->clen += l;
+        r->cscan = r->cready = r->clen;
+        return 0;
+}
+
+static void start_reset_or_finish(Relay *r) {
+        if (r->tainted || !r->backend_open || !r->selected) {
+                relay_enter_phase(r, RELAY_DONE);
+                return;
+        }
+        /* Deselect without expunging and without the client seeing anything. */
+        const char *cmd = caps_contains(r->s->postlogin_caps, "UNSELECT")
+                                  ? PROXY_TAG " UNSELECT\r\n"
+                                  : PROXY_TAG " EXAMINE \"imapproxy/nonexistent/\\\"mailbox\"\r\n";
+        if (backend_send_own(r, cmd) < 0) {
+                relay_taint(r, "no room for the reset command");
+                relay_enter_phase(r, RELAY_DONE);
+                return;
+        }
+        pend_push(r, PROXY_TAG, CMD_RESET);
+        relay_enter_phase(r, RELAY_RESET);
+}
+
+/* ---- I/O ---- */
+
+static void client_read(Relay *r) {
+        size_t space = r->ccap - r->clen;
+        if (space == 0)
+                return;
+        ssize_t n = read(r->s->client_in, r->cbuf + r->clen, MIN(space, (size_t) RELAY_CHUNK));
+        if (n < 0 && (errno == EAGAIN || errno == EINTR))
+                return;
+        if (n <= 0) {
+                r->client_alive = false;
+                client_gone(r, n == 0 ? "disconnected" : "read error");
+                return;
+        }
+        r->clen += (size_t) n;
+        r->last_client_usec = now_usec();
+        client_scan(r);
+}
+
+static void client_flush(Relay *r) {
+        while (r->ssent < r->sfwd) {
+                ssize_t n = send(r->s->client_out, r->sbuf + r->ssent, r->sfwd - r->ssent, MSG_NOSIGNAL | MSG_DONTWAIT);
+                if (n < 0 && errno == ENOTSOCK)
+                        n = write(r->s->client_out, r->sbuf + r->ssent, r->sfwd - r->ssent);
+                if (n < 0 && errno == EINTR)
+                        continue;
+                if (n < 0 && errno == EAGAIN)
+                        return;
+                if (n <= 0) {
+                        r->client_alive = false;
+                        r->ssent = r->sfwd;
+                        if (r->phase == RELAY_ACTIVE)
+                                client_gone(r, "write error");
+                        return;
+                }
+                r->ssent += (size_t) n;
+        }
+}
+
+static void backend_read(Relay *r) {
+        /* Only when everything read so far has been forwarded (or swallowed). */
+        if (r->sscan == r->slen && r->ssent >= r->sfwd) {
+                r->slen = r->sscan = r->sfwd = r->ssent = 0;
+        } else
+                return;
+        ssize_t n = recv(r->s->backend_fd, r->sbuf, RELAY_CHUNK, MSG_DONTWAIT);
+        if (n < 0 && (errno == EAGAIN || errno == EINTR))
+                return;
+        if (n <= 0) {
+                r->backend_open = false;
+                relay_taint(r, "backend connection closed");
+                return;
+        }
+        r->slen = (size_t) n;
+        server_scan(r);
+}
+
+static void backend_flush(Relay *r) {
+        while (r->csent < r->cready) {
+                ssize_t n = send(r->s->backend_fd, r->cbuf + r->csent, r->cready - r->csent, MSG_NOSIGNAL | MSG_DONTWAIT);
+                if (n < 0 && errno == EINTR)
+                        continue;
+                if (n < 0 && errno == EAGAIN)
+                        return;
+                if (n <= 0) {
+                        r->backend_open = false;
+                        relay_taint(r, "backend write error");
+                        return;
+                }
+                r->csent += (size_t) n;
+        }
+        /* All forwarded: keep only the held partial segment. */
+        if (r->csent == r->cready && r->csent > 0) {
+                size_t keep = r->clen - r->cready;
+                memmove(r->cbuf, r->cbuf + r->cready, keep);
+                r->cscan -= r->cready;
+                r->clen = keep;
+                r->cready = r->csent = 0;
+        }
+}
+
+static int relay_finish(Relay *r) {
+        Session *s = r->s;
+        bool clean = !r->tainted && r->backend_open && r->n_pend == 0 && !r->selected && r->csent == r->cready;
+
+        if (!clean)
+                log_info("session of %s ends; backend connection not reused: %s", s->user,
+                         r->taint_reason ? r->taint_reason : r->selected ? "mailbox still selected" : "unfinished");
+        (void) broker_checkin(s, clean);
+
+        if (!r->client_alive)
+                return 0;
+        /* What the backend said before stays ahead of our BYE. */
+        (void) fd_set_nonblock(s->client_out, false);
+        if (r->ssent < r->sfwd)
+                (void) fd_write_all(s->client_out, r->sbuf + r->ssent, r->sfwd - r->ssent, 10000);
+        char msg[512];
+        int n;
+        if (r->logout_requested && r->logout_tag)
+                n = snprintf(msg, sizeof(msg), "* BYE Logging out\r\n%s OK Logout completed.\r\n", r->logout_tag);
+        else if (!r->backend_open)
+                n = snprintf(msg, sizeof(msg), "* BYE Connection to the IMAP server lost.\r\n");
+        else
+                n = snprintf(msg, sizeof(msg), "* BYE %s\r\n", r->bye_text ? r->bye_text : "Disconnecting.");
+        if (n > 0 && (size_t) n < sizeof(msg))
+                (void) client_write(s, msg, (size_t) n);
+        return 0;
+}
+
+int relay_run(Session *s) {
+        Relay rel = {
+                .s = s,
+                .phase = RELAY_ACTIVE,
+                .client_reading = true,
+                .client_alive = true,
+                .backend_open = true,
+                .server_scan_ok = true,
+        };
+        Relay *r = &rel;
+        ImapScanLimits clim = {
+                .max_line = s->cfg.max_command_line,
+                .max_literal = s->cfg.max_literal_size,
+                .max_depth = 64,
+                .capture_size = 1024,
+                .max_args = 4,
+        };
+        ImapScanLimits slim = {
+                .max_line = 1u << 30, /* we only follow the backend, we do not police it */
+                .max_literal = UINT64_MAX >> 1,
+                .max_depth = 1024,
+                .capture_size = 1024,
+                .max_args = 4,
+        };
+        int ret;
+
+        r->ccap = s->cfg.max_command_line + RELAY_CHUNK + 64;
+        r->cbuf = malloc(r->ccap);
+        r->sbuf = malloc(RELAY_CHUNK);
+        if (!r->cbuf || !r->sbuf || imap_scanner_new(IMAP_SCAN_CLIENT, &clim, &r->csc) < 0 ||
+            imap_scanner_new(IMAP_SCAN_SERVER, &slim, &r->ssc) < 0) {
+                ret = -ENOMEM;
+                relay_taint(r, "out of memory");
+                goto out;
+        }
+        (void) fd_set_nonblock(s->client_in, true);
+        (void) fd_set_nonblock(s->client_out, true);
+        (void) fd_set_nonblock(s->backend_fd, true);
+        r->last_client_usec = now_usec();
+
+        if (s->pending_len > 0) {
+                size_t l = MIN(s->pending_len, r->ccap);
+                memcpy(r->cbuf, s->pending, l);
+                r->clen = l;
+                client_scan(r);
+        }
+
+        while (r->phase != RELAY_DONE) {
+                if (!r->client_alive)
+                        r->ssent = r->sfwd; /* nobody to read it */
+                struct pollfd p[2] = {
+                        { .fd = s->client_in, .events = 0 },
+                        { .fd = s->backend_fd, .events = 0 },
+                };
+                bool backend_can_read = r->backend_open && r->sscan == r->slen && r->ssent >= r->sfwd;
+                if (r->phase == RELAY_ACTIVE && r->client_reading && r->clen < r->ccap)
+                        p[0].events |= POLLIN;
+                if (r->client_alive && r->ssent < r->sfwd)
+                        p[0].events |= POLLOUT;
+                if (backend_can_read)
+                        p[1].events |= POLLIN;
+                if (r->backend_open && r->csent < r->cready)
+                        p[1].events |= POLLOUT;
+                if (s->client_in != s->client_out && (p[0].events & POLLOUT)) {
+                        /* odd inetd set-up: flush synchronously */
+                        client_flush(r);
+                        p[0].events &= (short) ~POLLOUT;
+                }
+
+                if (!r->backend_open) {
+                        if (r->phase == RELAY_ACTIVE)
+                                log_info("backend connection of %s closed", s->user);
+                        break;
+                }
+                if (r->phase != RELAY_ACTIVE && !r->client_alive && !(p[1].events))
+                        break;
+
+                uint64_t now = now_usec(), deadline;
+                if (r->phase == RELAY_ACTIVE)
+                        deadline = r->last_client_usec + (uint64_t) s->cfg.client_idle_timeout * 1000000ULL;
+                else
+                        deadline = r->phase_deadline_usec;
+                int timeout = deadline > now ? (int) MIN((deadline - now + 999) / 1000, (uint64_t) 3600000) : 0;
+
+                int n = poll(p, 2, timeout);
+                if (n < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        relay_taint(r, "poll failed");
+                        break;
+                }
+                if (n == 0) {
+                        if (r->phase == RELAY_ACTIVE) {
+                                r->bye_text = "Disconnected for inactivity.";
+                                client_gone(r, "idle timeout");
+                        } else {
+                                relay_taint(r, "backend did not answer in time");
+                                break;
+                        }
+                        continue;
+                }
+                if (p[1].revents & (POLLIN | POLLHUP | POLLERR))
+                        backend_read(r);
+                if (p[1].revents & POLLOUT)
+                        backend_flush(r);
+                if (p[0].revents & POLLOUT)
+                        client_flush(r);
+                if (p[0].revents & (POLLIN | POLLHUP | POLLERR) && r->phase == RELAY_ACTIVE)
+                        client_read(r);
+                else if (p[0].revents & (POLLHUP | POLLERR))
+                        r->client_alive = false; /* gone while we drain: stop polling it */
+                /* Drained already (e.g. LOGOUT with nothing outstanding)? */
+                if (r->phase == RELAY_DRAIN && r->n_pend == 0)
+                        start_reset_or_finish(r);
+                if (r->phase == RELAY_RESET || r->phase == RELAY_DRAIN)
+                        backend_flush(r);
+        }
+        ret = relay_finish(r);
+out:
+        if (!r->cbuf || !r->sbuf)
+                (void) broker_checkin(s, false);
+        free(r->logout_tag);
+        imap_scanner_free(r->csc);
+        imap_scanner_free(r->ssc);
+        free(r->cbuf);
+        free(r->sbuf);
+        return ret;
+}
