@@ -75,8 +75,10 @@ typedef void (*ConfigWarnFn)(void *userdata, const char *msg);
 int config_init(Config *c);
 
 /* Parse a file / a buffer (name is used in messages) on top of what c holds.
- * Returns 0, -ENOENT (file missing), -errno (I/O), or -EINVAL with
- * err = "FILE:LINE: KEY: reason" (NUL-terminated, truncated to errsize).
+ * Returns 0, -EINVAL with err = "FILE:LINE: KEY: reason", or for the file:
+ * -ENOENT, -EISDIR, -EFBIG (over CONFIG_FILE_MAX), -errno of open/read, with
+ * err = "FILE: reason". err is NUL-terminated, truncated to errsize, may be
+ * NULL if errsize is 0, and is "" on success.
  * On failure c may be partially updated: parse into a fresh Config and swap. */
 int config_load_file(Config *c, const char *path, ConfigWarnFn warn, void *userdata, char *err,
                      size_t errsize);
