@@ -87,7 +87,11 @@ fuzz: $(FUZZ_BIN)
 
 tests-build: $(BINARIES) $(UNIT_TESTS) $(FUZZ_REPLAY)
 
-check: tests-build
+# Installs missing Debian packages first (a fresh machine cannot even build
+# the tests without libsystemd-dev and Criterion), then builds, then runs.
+check:
+	./scripts/install-deps
+	$(MAKE) tests-build
 	./tests/run-all
 
 install: all
@@ -95,6 +99,7 @@ install: all
 	install -Dm0755 session/imapproxy-session $(DESTDIR)$(libexecdir)/imapproxy-session
 	install -Dm0644 imapproxy.conf $(DESTDIR)$(sysconfdir)/imapproxy.conf
 	install -d $(DESTDIR)$(unitdir)
+	install -d $(DESTDIR)$(docdir)
 	for u in units/*.service units/*.socket; do \
 		[ -e "$$u" ] || continue; \
 		sed -e 's|@sbindir@|$(sbindir)|g' -e 's|@libexecdir@|$(libexecdir)|g' \
@@ -106,6 +111,9 @@ install: all
 		install -Dm0644 "$$m" $(DESTDIR)$(mandir)/man$${m##*.}/$${m##*/}; \
 	done
 	install -Dm0644 doc/ipc-protocol.md $(DESTDIR)$(docdir)/ipc-protocol.md
+	install -Dm0644 units/imapproxy.sysusers $(DESTDIR)$(prefix)/lib/sysusers.d/imapproxy.conf
+	sed -e 's|/usr/local/libexec|$(libexecdir)|g' -e 's|/etc/imapproxy.conf|$(sysconfdir)/imapproxy.conf|g' \
+	    units/xinetd/imapproxy > $(DESTDIR)$(docdir)/xinetd.imapproxy
 
 clean:
 	rm -f $(BINARIES) common/libcommon.a */*.o */*.d tests/*/*.o tests/*/*.d \

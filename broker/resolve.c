@@ -6,14 +6,15 @@
  *	                  ResolveDoneFn done, void *userdata, Resolve **ret);
  *	void resolve_cancel(Resolve *r);
  * DESCRIPTION
- *	A numeric host is resolved at once (the callback runs before
- *	resolve_start() returns 1). A name goes to glibc's getaddrinfo_a();
- *	its completion thread writes the request pointer into a pipe that the
- *	loop watches, and the callback runs from the loop. A cancelled request
- *	stays allocated until glibc is done with it, then is freed silently.
+ *	A numeric host is resolved at once, a name by glibc's
+ *	getaddrinfo_a(); either way the request pointer goes through a pipe
+ *	that the loop watches and the callback runs from the loop, never from
+ *	inside resolve_start() (the caller's state must not change under it).
+ *	A cancelled request stays allocated until glibc is done with it, then
+ *	is freed silently.
  *	Owns the pipe and every in-flight request.
  * ERRORS
- *	0 (pending), 1 (done synchronously), or -errno.
+ *	0 (pending) or -errno.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -35,6 +36,8 @@ struct Resolve {
         ResolveDoneFn done;
         void *userdata;
         bool cancelled;
+        bool numeric;       /* resolved in resolve_start(), result in cb.ar_result */
+        int numeric_error;
         char *host, *port;
 };
 
@@ -63,7 +66,7 @@ static int resolve_on_pipe(sd_event_source *s, int fd, uint32_t revents, void *u
                 ssize_t n = read(fd, &r, sizeof(r));
                 if (n != (ssize_t) sizeof(r))
                         return 0;
-                int e = gai_error(&r->cb);
+                int e = r->numeric ? r->numeric_error : gai_error(&r->cb);
                 if (!r->cancelled) {
                         struct addrinfo *ai = r->cb.ar_result;
                         r->cb.ar_result = NULL;
@@ -100,14 +103,6 @@ int resolve_start(Broker *b, const char *host, const char *port, int family, Res
         };
 
         *ret = NULL;
-        if (host_is_numeric(host)) {
-                struct addrinfo *ai = NULL;
-                hints.ai_flags = AI_NUMERICHOST;
-                int e = getaddrinfo(host, port, &hints, &ai);
-                done(userdata, e == 0 ? 0 : -EHOSTUNREACH, e == 0 ? ai : NULL);
-                return 1;
-        }
-
         Resolve *r = calloc(1, sizeof(Resolve));
         if (!r)
                 return -ENOMEM;
@@ -124,6 +119,16 @@ int resolve_start(Broker *b, const char *host, const char *port, int family, Res
         r->cb.ar_name = r->host;
         r->cb.ar_service = r->port;
         r->cb.ar_request = &r->hints;
+
+        if (host_is_numeric(host)) {
+                r->numeric = true;
+                r->hints.ai_flags = AI_NUMERICHOST;
+                r->numeric_error = getaddrinfo(host, port, &r->hints, &r->cb.ar_result);
+                union sigval sv = { .sival_ptr = r };
+                resolve_notify(sv); /* the callback runs from the loop */
+                *ret = r;
+                return 0;
+        }
 
         struct gaicb *list[1] = { &r->cb };
         struct sigevent sev = {
