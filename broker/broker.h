@@ -117,6 +117,7 @@ unsigned pool_total(const Broker *b);
 int pool_checkout(Broker *b, const char *user, const uint8_t verifier[VERIFIER_SIZE], Conn **ret);
 int pool_make_room(Broker *b);
 int pool_checkin(Broker *b, Conn *c, int fd);
+void pool_return_dirty(Broker *b, Conn *c, int fd);
 void pool_conn_free(Conn *c, bool logout);
 void pool_drop_user_except(Broker *b, const char *user, const uint8_t verifier[VERIFIER_SIZE]);
 void pool_logout_all(Broker *b);

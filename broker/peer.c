@@ -224,10 +224,9 @@ static int peer_dispatch(Peer *p, IpcMessage *m) {
                         }
                         return 0;
                 }
-                c->fd = fd;
                 b->stats.dirty++;
                 log_debug("connection of %s returned dirty: logging out", c->user);
-                pool_conn_free(c, true);
+                pool_return_dirty(b, c, fd);
                 return 0;
         }
         default:

@@ -364,6 +364,15 @@ int pool_make_room(Broker *b) {
         return 0;
 }
 
+/* A connection that came back dirty: log it out and close it, but only
+ * write to it if it is the socket we lent. */
+void pool_return_dirty(Broker *b, Conn *c, int fd) {
+        (void) b;
+        bool ours = c->cookie == 0 || socket_cookie(fd) == c->cookie;
+        c->fd = fd;
+        pool_conn_free(c, ours);
+}
+
 int pool_checkin(Broker *b, Conn *c, int fd) {
         int r;
 
