@@ -24,7 +24,7 @@ typedef struct Config {
         unsigned connect_retries;      /* accepted; not used (backend tried per login) */
         unsigned connect_delay;        /* accepted; not used */
         unsigned cache_size;           /* max backend connections, lent + idle; default 3072 */
-        char *listen_port;             /* launcher's business; read by scripts/imapproxy-demo */
+        char *listen_port;             /* launcher's business; read by scripts/imapproxy-run */
         char *listen_address;          /* idem */
         unsigned cache_expiration_time; /* seconds an idle pooled connection lives; default 300 */
         char *proc_username;

@@ -94,7 +94,7 @@ static int handle_line(Session *s, ImapScanner *sc, const ImapLine *l) {
         char tag[TAG_MAX + 1];
 
         if (l->n_args == 0)
-                return reply(s, "* BAD Empty command line.\r\n");
+                return 0; /* an empty line is not a command: ignore it, as servers do */
         if (!tag_valid(&l->args[0]))
                 return reply(s, "* BAD Invalid tag.\r\n");
         memcpy(tag, l->args[0].str, l->args[0].len);
@@ -180,10 +180,12 @@ int prelogin_run(Session *s) {
                                 (void) reply(s, "* BYE Line too long.\r\n");
                                 r = -ECONNRESET;
                         } else if (ev == -EFBIG) {
-                                /* The client waits for "+" it will not get (or sends
-                                 * bytes we read as new commands: they get BAD). */
+                                /* No "+": a synchronising client sends nothing more of
+                                 * this command (a non-synchronising one sends bytes we
+                                 * read as new commands: they get BAD). The scanner stops
+                                 * before the header's end: drop the rest of the line. */
                                 r = error_reply(s, sc);
-                                imap_scanner_reset(sc);
+                                imap_scanner_skip_line(sc);
                         } else if (ev < 0) {
                                 r = error_reply(s, sc);
                                 imap_scanner_skip_line(sc);

@@ -1,0 +1,786 @@
+#!/usr/bin/env python3
+"""imapfixture -- private Dovecot and imapproxy instances for integration tests.
+
+Python 3 standard library only.  Everything started here is stopped again by
+stop(), by the context managers, and (as a last resort) at interpreter exit;
+every child runs in its own process group and the whole group is killed.
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dc = Dovecot(tmp, users={'alice': 'pw'}, messages=5)
+        px = Proxy(tmp, dc, cache_expiration_time=300)
+        m = imap_login(px.port, 'alice', 'pw')
+        ...
+        px.stop(); dc.stop()
+
+Environment overrides: IMAPPROXY_BROKER, IMAPPROXY_SESSION (binary paths),
+DOVECOT (dovecot binary), DOVEADM (doveadm binary).
+"""
+
+import atexit
+import grp
+import imaplib
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.normpath(os.path.join(HERE, '..', '..'))
+BROKER = os.environ.get('IMAPPROXY_BROKER') or os.path.join(REPO, 'broker', 'imapproxy-broker')
+SESSION = os.environ.get('IMAPPROXY_SESSION') or os.path.join(REPO, 'session', 'imapproxy-session')
+DOVECOT = os.environ.get('DOVECOT') or shutil.which('dovecot') or '/usr/sbin/dovecot'
+DOVEADM = os.environ.get('DOVEADM') or shutil.which('doveadm') or '/usr/bin/doveadm'
+SOCKET_ACTIVATE = shutil.which('systemd-socket-activate') or '/usr/bin/systemd-socket-activate'
+
+# Environment variables that must not leak from our own supervisor into children.
+_SCRUB_ENV = ('NOTIFY_SOCKET', 'LISTEN_FDS', 'LISTEN_PID', 'LISTEN_FDNAMES', 'WATCHDOG_PID',
+              'WATCHDOG_USEC')
+
+# Sanitizer / crash markers looked for in the logs of our own binaries.
+CRASH_MARKERS = ('AddressSanitizer', 'LeakSanitizer', 'UndefinedBehaviorSanitizer',
+                 'runtime error:', 'Segmentation fault', 'core dumped', 'stack smashing',
+                 'double free', 'malloc(): ', 'free(): ')
+
+_live = []  # every started _Proc, for the atexit safety net
+
+
+class FixtureError(Exception):
+    pass
+
+
+# ------------------------------------------------------------------ helpers
+
+def free_port(host='127.0.0.1'):
+    """A TCP port that was free a moment ago (bind to port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_until(pred, timeout=5.0, interval=0.02, what=None):
+    """Poll pred() until it returns a true value; return it, or raise on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() >= deadline:
+            raise FixtureError('timed out after %.1fs waiting for %s' % (timeout, what or pred))
+        time.sleep(interval)
+
+
+def child_env(extra=None):
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUB_ENV}
+    if extra:
+        env.update(extra)
+    return env
+
+
+def tcp_listening(port, host='127.0.0.1'):
+    """True when something LISTENs on host:port (reads /proc/net/tcp: no side effects,
+    unlike connect(), which would make an inetd-style listener spawn a child)."""
+    want = '%s:%04X' % (''.join('%02X' % b for b in reversed(socket.inet_aton(host))), port)
+    want_any = '00000000:%04X' % port
+    try:
+        with open('/proc/net/tcp') as f:
+            next(f)
+            for line in f:
+                parts = line.split()
+                if len(parts) > 3 and parts[3] == '0A' and parts[1] in (want, want_any):
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+class _Proc:
+    """A child in its own process group; stop() kills the whole group."""
+
+    def __init__(self, argv, log_path, name, env=None, stdin=subprocess.DEVNULL, pass_fds=()):
+        self.name = name
+        self.argv = argv
+        self.log_path = log_path
+        self._log = open(log_path, 'ab', buffering=0)
+        self.popen = subprocess.Popen(argv, stdin=stdin, stdout=self._log, stderr=self._log,
+                                      env=child_env(env), start_new_session=True,
+                                      close_fds=True, pass_fds=pass_fds)
+        self.pid = self.popen.pid
+        _live.append(self)
+
+    # The leader is never reaped before its process group has been SIGKILLed:
+    # while it is a zombie its pid (= the group id) cannot be reused, so
+    # killpg() can never hit an unrelated process group.
+
+    def alive(self):
+        """True while the leader runs (does not reap it)."""
+        if self.popen.returncode is not None:
+            return False
+        try:
+            r = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return False
+        return r is None
+
+    def send_signal(self, sig):
+        if self.alive():
+            os.kill(self.pid, sig)
+
+    def wait_exit(self, timeout):
+        """Wait (without reaping) until the leader exits; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self.alive():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def reap(self):
+        """SIGKILL what is left of the group, reap the leader, return its exit status
+        (negative: killed by that signal)."""
+        if self.popen.returncode is None:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.popen.wait()
+        try:
+            self._log.close()
+        except OSError:
+            pass
+        if self in _live:
+            _live.remove(self)
+        return self.popen.returncode
+
+    def stop(self, sig=signal.SIGTERM, timeout=5.0):
+        """Signal the process group, wait up to timeout, then SIGKILL the rest.
+        Returns the leader's exit status."""
+        if self.popen.returncode is None and self.alive():
+            try:
+                os.killpg(self.pid, sig)
+            except ProcessLookupError:
+                pass
+            self.wait_exit(timeout)
+        return self.reap()
+
+    def log(self):
+        try:
+            with open(self.log_path, 'rb') as f:
+                return f.read().decode('utf-8', 'replace')
+        except OSError:
+            return ''
+
+
+@atexit.register
+def _kill_everything():
+    for p in list(_live):
+        try:
+            p.stop(signal.SIGKILL, timeout=2.0)
+        except Exception:  # noqa: BLE001 - last-resort cleanup
+            pass
+
+
+def _name_of_uid(uid):
+    return pwd.getpwuid(uid).pw_name
+
+
+def _name_of_gid(gid):
+    return grp.getgrgid(gid).gr_name
+
+
+# ------------------------------------------------------------------ Dovecot
+
+class Dovecot:
+    """A private Dovecot (imap only, plaintext, loopback) under tmpdir.
+
+    Works as root (mail files owned by the 'dovecot' user, or 'nobody') and as
+    an ordinary user (everything runs as that user; rootless Dovecot).
+    """
+
+    LOGIN_RE = re.compile(r'imap-login: Info: Login: user=<([^>]*)>')
+    LOGOUT_RE = re.compile(r'imap\(([^)]*)\)[^:]*: Info: (?:Logged out|Disconnected)')
+
+    def __init__(self, tmpdir, users=None, messages=5, port=None, auth_failure_delay=0,
+                 extra_conf='', start=True):
+        self.tmpdir = os.path.abspath(tmpdir)
+        self.dir = os.path.join(self.tmpdir, 'dovecot')
+        self.users = dict(users or {'alice': 'pw'})
+        self.messages = messages
+        self.port = port or free_port()
+        self.conf = os.path.join(self.dir, 'dovecot.conf')
+        self.log_path = os.path.join(self.dir, 'dovecot.log')
+        self.stderr_path = os.path.join(self.dir, 'dovecot.stderr')
+        self.proc = None
+        self.auth_failure_delay = auth_failure_delay
+        self.extra_conf = extra_conf
+        self._setup_ids()
+        self._write_files()
+        if start:
+            self.start()
+
+    # -- setup
+
+    def _setup_ids(self):
+        if os.geteuid() == 0:
+            for name in ('dovecot', 'nobody'):
+                try:
+                    pw = pwd.getpwnam(name)
+                    self.mail_uid, self.mail_gid = pw.pw_uid, pw.pw_gid
+                    break
+                except KeyError:
+                    continue
+            else:
+                raise FixtureError('no dovecot or nobody user to own the mail files')
+            self.rootless = False
+        else:
+            self.mail_uid, self.mail_gid = os.getuid(), os.getgid()
+            self.rootless = True
+
+    def _chown(self, path):
+        if os.geteuid() == 0:
+            os.chown(path, self.mail_uid, self.mail_gid)
+
+    def _write_files(self):
+        # The mail processes run as mail_uid: tmpdir must be traversable.
+        os.chmod(self.tmpdir, 0o755)
+        os.makedirs(self.dir, exist_ok=True)
+        os.chmod(self.dir, 0o755)
+        for sub in ('run', 'state', 'home'):
+            os.makedirs(os.path.join(self.dir, sub), exist_ok=True)
+        os.chmod(os.path.join(self.dir, 'home'), 0o755)
+        passwd = os.path.join(self.dir, 'passwd')
+        with open(passwd, 'w') as f:
+            for u, p in self.users.items():
+                f.write('%s:{PLAIN}%s::::::\n' % (u, p))
+        os.chmod(passwd, 0o644)  # test passwords only; read by the auth process
+        for u in self.users:
+            self._make_maildir(u)
+
+        if self.rootless:
+            me, mygroup = _name_of_uid(os.getuid()), _name_of_gid(os.getgid())
+            identity = '''
+default_login_user = {me}
+default_internal_user = {me}
+default_internal_group = {grp}
+service anvil {{
+  chroot =
+}}
+service imap-login {{
+  chroot =
+  user = {me}
+}}
+service auth {{
+  user = {me}
+}}
+service auth-worker {{
+  user = {me}
+}}
+'''.format(me=me, grp=mygroup)
+        else:
+            identity = ''
+        conf = '''# written by tests/integration/imapfixture.py
+base_dir = {d}/run
+state_dir = {d}/state
+instance_name = imapfixture-{port}
+log_path = {d}/dovecot.log
+info_log_path = {d}/dovecot.log
+debug_log_path = {d}/dovecot.log
+listen = 127.0.0.1
+protocols = imap
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+auth_failure_delay = {afd} secs
+first_valid_uid = {uid}
+last_valid_uid = 0
+first_valid_gid = {gid}
+mail_location = maildir:~/Maildir
+mail_max_userip_connections = 1000
+shutdown_clients = yes
+{identity}
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {d}/passwd
+}}
+userdb {{
+  driver = static
+  args = uid={uid} gid={gid} home={d}/home/%u
+}}
+service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+service stats {{
+  unix_listener stats-reader {{
+    mode = 0666
+  }}
+  unix_listener stats-writer {{
+    mode = 0666
+  }}
+}}
+{extra}
+'''.format(d=self.dir, port=self.port, uid=self.mail_uid, gid=self.mail_gid,
+           afd=self.auth_failure_delay, identity=identity, extra=self.extra_conf)
+        with open(self.conf, 'w') as f:
+            f.write(conf)
+
+    def _make_maildir(self, user):
+        home = os.path.join(self.dir, 'home', user)
+        md = os.path.join(home, 'Maildir')
+        for p in (home, md, md + '/cur', md + '/new', md + '/tmp'):
+            os.makedirs(p, exist_ok=True)
+            os.chmod(p, 0o700)
+            self._chown(p)
+        now = int(time.time())
+        for i in range(1, self.messages + 1):
+            body = ('From: Sender <sender@example.org>\r\n'
+                    'To: {u} <{u}@example.org>\r\n'
+                    'Subject: Test message {i} for {u}\r\n'
+                    'Date: Mon, 01 Jan 2024 00:00:{i:02d} +0000\r\n'
+                    'Message-ID: <imapfixture-{i}-{u}@example.org>\r\n'
+                    '\r\n'
+                    'Hello {u}, this is message number {i}.\r\n').format(u=user, i=i % 60)
+            name = '%d.M%dP%d.imapfixture,S=%d:2,' % (now, i, os.getpid(), len(body))
+            path = os.path.join(md, 'cur', name)
+            with open(path, 'w', newline='') as f:
+                f.write(body)
+            self._chown(path)
+
+    # -- life cycle
+
+    def start(self, timeout=15.0):
+        if self.proc and self.proc.alive():
+            return
+        self.proc = _Proc([DOVECOT, '-F', '-c', self.conf], self.stderr_path, 'dovecot')
+
+        def ready():
+            if not self.proc.alive():
+                raise FixtureError('dovecot exited (rc=%s):\n%s\n%s' % (
+                    self.proc.reap(), self.proc.log(), self.log()))
+            try:
+                with socket.create_connection(('127.0.0.1', self.port), timeout=1) as s:
+                    s.settimeout(2)
+                    return s.recv(512).startswith(b'* OK')
+            except OSError:
+                return False
+        try:
+            wait_until(ready, timeout, 0.05, 'dovecot on port %d' % self.port)
+        except FixtureError:
+            self.stop()
+            raise
+
+    def stop(self):
+        if self.proc:
+            self.proc.stop(signal.SIGTERM, timeout=10.0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # -- log inspection
+
+    def log(self):
+        try:
+            with open(self.log_path, 'rb') as f:
+                return f.read().decode('utf-8', 'replace')
+        except FileNotFoundError:
+            return ''
+
+    def settled_log(self, quiet=0.15, timeout=3.0):
+        """The log once it has stopped growing for `quiet` seconds (the log process
+        writes asynchronously: a client may see OK before the line is written)."""
+        deadline = time.monotonic() + timeout
+        prev = self.log()
+        while True:
+            time.sleep(quiet)
+            cur = self.log()
+            if cur == prev or time.monotonic() > deadline:
+                return cur
+            prev = cur
+
+    def logins(self, user=None, settle=True):
+        """Successful IMAP logins Dovecot logged (all users, or one)."""
+        text = self.settled_log() if settle else self.log()
+        return sum(1 for u in self.LOGIN_RE.findall(text) if user is None or u == user)
+
+    def logouts(self, user=None, settle=True):
+        """Ended IMAP sessions (Logged out / Disconnected) Dovecot logged."""
+        text = self.settled_log() if settle else self.log()
+        return sum(1 for u in self.LOGOUT_RE.findall(text) if user is None or u == user)
+
+    def wait_logins(self, n, user=None, timeout=5.0):
+        return wait_until(lambda: self.logins(user, settle=False) >= n, timeout,
+                          what='%d dovecot logins of %s' % (n, user or 'anyone'))
+
+    def wait_logouts(self, n, user=None, timeout=5.0):
+        return wait_until(lambda: self.logouts(user, settle=False) >= n, timeout,
+                          what='%d dovecot logouts of %s' % (n, user or 'anyone'))
+
+    # -- doveadm
+
+    def doveadm(self, *args, check=True):
+        r = subprocess.run([DOVEADM, '-c', self.conf] + list(args), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, env=child_env(), timeout=20)
+        if check and r.returncode != 0:
+            raise FixtureError('doveadm %s failed (rc=%d): %s' % (
+                ' '.join(args), r.returncode, r.stderr.decode(errors='replace')))
+        return r
+
+    def kick(self, user):
+        """Disconnect every IMAP connection of user (doveadm kick)."""
+        r = self.doveadm('kick', user, check=False)
+        # doveadm kick exits 68 (EX_NOUSER) when the user has no connection
+        if r.returncode not in (0, 68):
+            raise FixtureError('doveadm kick %s failed (rc=%d): %s' % (
+                user, r.returncode, r.stderr.decode(errors='replace')))
+        return r.stdout.decode(errors='replace')
+
+    def connections(self, user):
+        """Number of live IMAP connections of user, per Dovecot's anvil (doveadm who)."""
+        r = self.doveadm('who', '-1', user, check=False)
+        if r.returncode not in (0, 68):
+            raise FixtureError('doveadm who failed: %s' % r.stderr.decode(errors='replace'))
+        n = 0
+        for line in r.stdout.decode(errors='replace').splitlines()[1:]:
+            f = line.split()
+            if f and f[0] == user:
+                n += 1
+        return n
+
+
+# ------------------------------------------------------------------ imapproxy
+
+class Proxy:
+    """imapproxy-broker + systemd-socket-activate spawning imapproxy-session.
+
+    conf keywords become config lines; defaults suit tests. inetd=True uses
+    `--inetd` (client socket on fd 0/1), inetd=False passes LISTEN_FDS=1 fd 3.
+    """
+
+    def __init__(self, tmpdir, dovecot, inetd=True, start=True, port=None,
+                 listen_address='127.0.0.1', **conf):
+        if not os.path.isdir(tmpdir):
+            raise FixtureError('no such directory: %s' % tmpdir)
+        self.dir = os.path.join(os.path.abspath(tmpdir), 'proxy-%d' % free_port())
+        os.makedirs(self.dir)
+        self.dovecot = dovecot
+        self.inetd = inetd
+        self.broker_socket = os.path.join(self.dir, 'broker.sock')
+        self.conf_path = os.path.join(self.dir, 'imapproxy.conf')
+        self.broker_log_path = os.path.join(self.dir, 'broker.log')
+        self.listener_log_path = os.path.join(self.dir, 'listener.log')
+        self.settings = {
+            'server_hostname': '127.0.0.1',
+            'server_port': dovecot.port if dovecot else 143,
+            'cache_expiration_time': 300,
+            'cache_size': 100,
+            'broker_socket': self.broker_socket,
+            'backend_timeout': 10,
+            'client_prelogin_timeout': 30,
+            'max_prelogin_line': 8192,
+        }
+        self.settings.update(conf)
+        self.write_conf()
+        self.broker = None
+        self.killed_with = None
+        self.listener = None
+        self.port = None
+        self.fixed_port = port
+        self.listen_address = listen_address
+        for b in (BROKER, SESSION):
+            if not os.access(b, os.X_OK):
+                raise FixtureError('binary missing: %s (run make)' % b)
+        if start:
+            self.start()
+
+    def write_conf(self):
+        with open(self.conf_path, 'w') as f:
+            f.write('# written by tests/integration/imapfixture.py\n')
+            for k, v in self.settings.items():
+                if v is not None:
+                    f.write('%s %s\n' % (k, v))
+
+    def start(self):
+        try:
+            self.start_broker()
+            self.start_listener()
+        except BaseException:
+            self.stop()
+            raise
+
+    # -- broker
+
+    def broker_ready(self):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            s.settimeout(1)
+            s.connect(self.broker_socket)
+            return True
+        except OSError:
+            return False
+        finally:
+            s.close()
+
+    def start_broker(self, timeout=10.0):
+        if self.broker and self.broker.alive():
+            raise FixtureError('broker already running')
+        self.killed_with = None  # signal a test sent with kill_broker()
+        self.broker = _Proc([BROKER, '-f', self.conf_path], self.broker_log_path, 'broker')
+
+        def ready():
+            if not self.broker.alive():
+                raise FixtureError('broker exited (rc=%s); log:\n%s' % (
+                    self.broker.reap(), self.broker_log()))
+            return self.broker_ready()
+        wait_until(ready, timeout, 0.02, 'broker socket %s' % self.broker_socket)
+
+    def kill_broker(self, sig=signal.SIGKILL, timeout=5.0):
+        """Send sig to the broker (only the broker) and wait for it to exit; returns rc."""
+        if not self.broker:
+            return None
+        self.killed_with = sig
+        self.broker.send_signal(sig)
+        if not self.broker.wait_exit(timeout):
+            self.broker.reap()
+            raise FixtureError('broker did not exit within %.0fs after signal %d' % (timeout, sig))
+        rc = self.broker.reap()  # leftovers of its group are SIGKILLed, the log is closed
+        return rc
+
+    def broker_log(self):
+        try:
+            with open(self.broker_log_path, 'rb') as f:
+                return f.read().decode('utf-8', 'replace')
+        except FileNotFoundError:
+            return ''
+
+    # -- listener
+
+    def start_listener(self, timeout=10.0, attempts=5):
+        """systemd-socket-activate on a free port (retrying if the port got taken),
+        or on the fixed port given to the constructor."""
+        if self.fixed_port:
+            attempts = 1
+        for _ in range(attempts):
+            port = self.fixed_port or free_port()
+            addr = self.listen_address
+            argv = [SOCKET_ACTIVATE, '-l', '%s:%d' % ('[%s]' % addr if ':' in addr else addr, port),
+                    '-a']
+            if self.inetd:
+                argv.append('--inetd')
+            argv += [os.path.abspath(SESSION), '-f', self.conf_path]
+            self.listener = _Proc(argv, self.listener_log_path, 'listener')
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                # systemd-socket-activate logs "Listening on ADDR as 3." once it listens.
+                if (tcp_listening(port, addr) if ':' not in addr else
+                        'Listening on ' in self.listener_log()):
+                    self.port = port
+                    return
+                if not self.listener.alive():
+                    break
+                time.sleep(0.02)
+            self.listener.stop()
+        raise FixtureError('systemd-socket-activate did not listen; log:\n%s' % self.listener_log())
+
+    def listener_log(self):
+        """stderr of systemd-socket-activate and of every session it spawned."""
+        try:
+            with open(self.listener_log_path, 'rb') as f:
+                return f.read().decode('utf-8', 'replace')
+        except FileNotFoundError:
+            return ''
+
+    def crash_report(self):
+        """Lines in the broker/session logs that look like crashes or sanitizer reports."""
+        bad = []
+        for name, text in (('broker', self.broker_log()), ('session', self.listener_log())):
+            for line in text.splitlines():
+                if any(m in line for m in CRASH_MARKERS) or re.search(
+                        r'(?i)(killed by signal|exited with signal|terminated by signal|'
+                        r'dumped core|signal (SEGV|ABRT|BUS|ILL|FPE))', line) or re.search(
+                        # systemd-socket-activate logs si_status, which is the signal
+                        # number for a killed child (the session exits 0, 1 or 2).
+                        r'Child \d+ died with code (4|6|7|8|11|31)$', line):
+                    bad.append('%s: %s' % (name, line))
+        return bad
+
+    def stop(self):
+        rcs = {}
+        if self.listener:
+            rcs['listener'] = self.listener.stop(signal.SIGTERM, 5.0)
+        if self.broker:
+            rcs['broker'] = self.broker.stop(signal.SIGTERM, 10.0)
+        return rcs
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+# ------------------------------------------------------------------ IMAP clients
+
+def imap_login(port, user, password, timeout=10.0):
+    """imaplib client logged in as user; raises imaplib.IMAP4.error on NO."""
+    m = imaplib.IMAP4('127.0.0.1', port, timeout=timeout)
+    try:
+        m.login(user, password)
+    except BaseException:
+        try:
+            m.shutdown()
+        except OSError:
+            pass
+        raise
+    return m
+
+
+class RawClient:
+    """Byte-level IMAP client. Every read has a timeout; nothing can hang."""
+
+    def __init__(self, port, host='127.0.0.1', timeout=5.0, greeting=True):
+        self.timeout = timeout
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.buf = b''
+        self.eof = False
+        self.transcript = []  # ('C'|'S', bytes)
+        self.greeting = self.readline() if greeting else None
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def send(self, data):
+        if isinstance(data, str):
+            data = data.encode()
+        self.transcript.append(('C', data))
+        self.sock.sendall(data)
+
+    def _fill(self, timeout):
+        """Read once more into buf. Returns False on EOF/reset."""
+        if self.eof:
+            return False
+        self.sock.settimeout(timeout)
+        try:
+            chunk = self.sock.recv(65536)
+        except (ConnectionResetError, BrokenPipeError):
+            chunk = b''
+        if not chunk:
+            self.eof = True
+            return False
+        self.transcript.append(('S', chunk))
+        self.buf += chunk
+        return True
+
+    def readline(self, timeout=None):
+        """One CRLF-terminated line (bytes, with CRLF). Raises on timeout/EOF."""
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        while b'\r\n' not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout('no complete line within %.1fs; have %r' % (timeout, self.buf))
+            if not self._fill(left):
+                raise EOFError('connection closed; partial data %r' % self.buf)
+        line, self.buf = self.buf.split(b'\r\n', 1)
+        return line + b'\r\n'
+
+    def command(self, tag, text, timeout=None):
+        """Send 'tag text' and read until the tagged response.
+        Returns (untagged_lines, tagged_line) as bytes lines with CRLF."""
+        self.send('%s %s\r\n' % (tag, text))
+        return self.read_tagged(tag, timeout)
+
+    def read_tagged(self, tag, timeout=None):
+        if isinstance(tag, str):
+            tag = tag.encode()
+        untagged = []
+        while True:
+            line = self.readline(timeout)
+            if line.startswith(tag + b' '):
+                return untagged, line
+            untagged.append(line)
+
+    def read_until_close(self, timeout=None):
+        """Everything until the peer closes (bytes). Raises socket.timeout if it does not."""
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout('peer did not close within %.1fs; got %r' % (timeout, self.buf))
+            if not self._fill(left):
+                data, self.buf = self.buf, b''
+                return data
+
+    def read_available(self, wait=0.3):
+        """Whatever arrives within `wait` seconds (bytes; may be empty)."""
+        deadline = time.monotonic() + wait
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                if not self._fill(left):
+                    break
+            except socket.timeout:
+                break
+        data, self.buf = self.buf, b''
+        return data
+
+    def login(self, user, password, tag='L1'):
+        return self.command(tag, 'LOGIN %s %s' % (quote(user), quote(password)))
+
+    def dump(self):
+        """Transcript for failure messages."""
+        out = []
+        for who, data in self.transcript:
+            for line in data.split(b'\r\n'):
+                if line:
+                    out.append('%s: %r' % (who, line[:300]))
+        return '\n'.join(out[-60:])
+
+
+def quote(s):
+    return '"%s"' % s.replace('\\', '\\\\').replace('"', '\\"')
+
+
+# ------------------------------------------------------------------ self-check
+
+def _selftest():
+    """python3 imapfixture.py: start a Dovecot, exercise it, stop it."""
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix='imapfixture-') as tmp:
+        with Dovecot(tmp, users={'alice': 'pw', 'bob': 'pw2'}, messages=3) as dc:
+            print('dovecot on port', dc.port)
+            m = imap_login(dc.port, 'alice', 'pw')
+            typ, data = m.select('INBOX')
+            print('select', typ, data)
+            print('fetch', m.fetch('1:*', '(FLAGS)'))
+            print('connections(alice) =', dc.connections('alice'))
+            m.logout()
+            print('logins(alice) =', dc.logins('alice'), 'logouts(alice) =', dc.logouts('alice'))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(_selftest())
