@@ -115,9 +115,23 @@ install: all
 	sed -e 's|/usr/local/libexec|$(libexecdir)|g' -e 's|/etc/imapproxy.conf|$(sysconfdir)/imapproxy.conf|g' \
 	    units/xinetd/imapproxy > $(DESTDIR)$(docdir)/xinetd.imapproxy
 
+# Benchmark (bench/README.md): load generator, and the libc-only greeter that
+# session exec-to-greeting latency is compared with (linked like the session).
+BENCH_BIN := bench/imapload bench/hello
+bench/imapload: bench/imapload.c
+	$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< -pthread
+bench/hello: bench/hello.c
+	$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $<
+
+bench:
+	./scripts/install-deps
+	$(MAKE) $(BINARIES) $(BENCH_BIN)
+	./bench/run
+.PHONY: bench
+
 clean:
 	rm -f $(BINARIES) common/libcommon.a */*.o */*.d tests/*/*.o tests/*/*.d \
-	      $(UNIT_TESTS) $(FUZZ_REPLAY) $(FUZZ_BIN)
+	      $(UNIT_TESTS) $(FUZZ_REPLAY) $(FUZZ_BIN) $(BENCH_BIN)
 
 .PHONY: all check tests-build install clean fuzz
 .SECONDARY:
