@@ -37,7 +37,7 @@
 #include "log.h"
 #include "session.h"
 
-#define RELAY_CHUNK 65536
+#define RELAY_CHUNK (256 * 1024)
 #define TAG_TRACK_MAX 64
 #define PIPELINE_MAX 128
 #define PROXY_TAG "IMAPPROXY-RESET"
