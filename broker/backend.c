@@ -2,9 +2,8 @@
  * backend.c -- making new authenticated backend connections.
  *
  * SYNOPSIS
- *	int backend_job_start(Broker *b, const char *user, const char *password,
- *	                      const uint8_t verifier[], BackendDoneFn done, void *userdata,
- *	                      BackendJob **ret);
+ *	int backend_job_start(Broker *b, const struct ipc_checkout *req, const uint8_t verifier[],
+ *	                      BackendDoneFn done, void *userdata, BackendJob **ret);
  *	void backend_job_cancel(BackendJob *j);
  * DESCRIPTION
  *	One job per new connection, an explicit state machine driven by the

@@ -18,9 +18,10 @@
  *	CHECKIN{ticket,state} + fd  ->    (no reply; the session may exit)
  *
  * SECURITY
- *	The broker builds the pool key from the user and password it receives
- *	(HMAC), never from anything else a session says; a session can only get
- *	a connection for credentials it already holds.
+ *	The broker builds the pool key from the user, authzid and password it
+ *	receives (HMAC), never from anything else a session says; a session can
+ *	only get a connection for credentials it already holds. client_id is
+ *	re-validated by the broker before it is sent to a backend.
  */
 #pragma once
 
