@@ -2,14 +2,13 @@
  * backend.c -- making new authenticated backend connections.
  *
  * SYNOPSIS
- *	int backend_job_start(Broker *b, const char *user, const char *password,
- *	                      const uint8_t verifier[], BackendDoneFn done, void *userdata,
- *	                      BackendJob **ret);
+ *	int backend_job_start(Broker *b, const struct ipc_checkout *req, const uint8_t verifier[],
+ *	                      BackendDoneFn done, void *userdata, BackendJob **ret);
  *	void backend_job_cancel(BackendJob *j);
  * DESCRIPTION
  *	One job per new connection, an explicit state machine driven by the
  *	event loop (never blocking it):
- *	  RESOLVE -> CONNECT -> GREETING [-> CAPA_PRE] -> LOGIN [-> CAPA_POST] -> done
+ *	  RESOLVE -> CONNECT -> GREETING [-> CAPA_PRE] [-> PREAUTH] [-> ID] -> LOGIN [-> CAPA_POST]
  *	The name is resolved for every new connection (IPv4 and IPv6, or as
  *	ipversion_only says), each address is tried in turn (rotated with
  *	dns_rr), each phase has backend_timeout. LOGIN sends user and password
@@ -27,6 +26,7 @@
  *	wiped as soon as it is sent. Backend text is sanitised before logging.
  */
 #include <errno.h>
+#include <gnutls/gnutls.h>
 #include <netdb.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -47,6 +47,8 @@ typedef enum BackendPhase {
         PHASE_CONNECT,
         PHASE_GREETING,
         PHASE_CAPA_PRE,
+        PHASE_PREAUTH,
+        PHASE_ID,
         PHASE_LOGIN,
         PHASE_CAPA_POST,
         PHASE_LOGOUT, /* probe only */
@@ -55,7 +57,8 @@ typedef enum BackendPhase {
 
 static const char *const phase_names[_PHASE_MAX] = {
         [PHASE_RESOLVE] = "resolve",    [PHASE_CONNECT] = "connect",     [PHASE_GREETING] = "greeting",
-        [PHASE_CAPA_PRE] = "capability", [PHASE_LOGIN] = "login",        [PHASE_CAPA_POST] = "capability",
+        [PHASE_CAPA_PRE] = "capability", [PHASE_PREAUTH] = "preauth_command", [PHASE_ID] = "id",
+        [PHASE_LOGIN] = "login",          [PHASE_CAPA_POST] = "capability",
         [PHASE_LOGOUT] = "logout",
 };
 static_assert(ELEMENTSOF(phase_names) == _PHASE_MAX, "phase name table");
@@ -85,7 +88,11 @@ struct BackendJob {
 
         char caps_post[IPC_CAPS_MAX];
         bool have_caps_post;
+        char authzid[IPC_USER_MAX];
         char password[IPC_PASSWORD_MAX]; /* until the LOGIN command is built */
+        char client_addr[IPC_ADDR_MAX], local_addr[IPC_ADDR_MAX];
+        unsigned client_port, local_port;
+        char *client_id;                 /* validated "(...)" or NULL */
 };
 
 static void job_enter_phase(BackendJob *j, BackendPhase p);
@@ -106,6 +113,7 @@ static void job_free(BackendJob *j) {
         }
         explicit_bzero(j->password, sizeof(j->password));
         explicit_bzero(j->verifier, sizeof(j->verifier));
+        free(j->client_id);
         j->broker->n_pending--;
         free(j);
 }
@@ -118,7 +126,7 @@ static void job_finish(BackendJob *j, int error, IpcFailStatus status, const cha
         if (error == 0 && !j->probe) {
                 Caps *caps = caps_intern(b, j->caps_post);
                 if (caps)
-                        c = conn_new_lent(b, j->fd, j->user, j->verifier, caps);
+                        c = conn_new_lent(b, j->fd, j->user, j->authzid, j->verifier, caps);
                 caps_unref(caps);
                 if (c) {
                         j->fd = -EBADF; /* now owned by the Conn */
@@ -288,24 +296,156 @@ static int job_send(BackendJob *j, const char *cmd) {
         return job_flush(j);
 }
 
-static int job_send_login(BackendJob *j) {
+bool proxy_auth_enabled(const Broker *b) {
+        return b->cfg.auth_shared_secret && b->cfg.auth_sasl_plain_username && b->cfg.auth_sasl_plain_password;
+}
+
+/* AUTHENTICATE PLAIN authzid NUL authcid NUL password, base64, with SASL-IR
+ * when offered, else after the server's "+". */
+static int out_append_auth_plain(BackendJob *j, const char *authzid, const char *authcid, const char *password) {
+        size_t zl = strlen(authzid), cl = strlen(authcid), pl = strlen(password);
+        size_t ml = zl + 1 + cl + 1 + pl;
+        _cleanup_free_ char *msg = malloc(ml);
+        gnutls_datum_t in, out = {};
         int r;
-        if (caps_has(j->broker->prelogin_caps, "LOGINDISABLED"))
-                return -EPERM;
-        r = out_append(j, "L LOGIN ", 8);
+
+        if (!msg)
+                return -ENOMEM;
+        memcpy(msg, authzid, zl);
+        msg[zl] = '\0';
+        memcpy(msg + zl + 1, authcid, cl);
+        msg[zl + 1 + cl] = '\0';
+        memcpy(msg + zl + 1 + cl + 1, password, pl);
+        in = (gnutls_datum_t) { .data = (unsigned char *) msg, .size = (unsigned) ml };
+        r = gnutls_base64_encode2(&in, &out);
+        explicit_bzero(msg, ml);
+        if (r < 0)
+                return -ENOMEM;
+
+        bool ir = caps_has(j->broker->prelogin_caps, "SASL-IR");
+        r = out_append(j, ir ? "L AUTHENTICATE PLAIN " : "L AUTHENTICATE PLAIN\r\n", ir ? 21 : 22);
+        if (r >= 0 && !ir)
+                j->sync_at[j->n_sync++] = j->out_len;
         if (r >= 0)
-                r = out_append_astring(j, j->user);
-        if (r >= 0)
-                r = out_append(j, " ", 1);
-        if (r >= 0)
-                r = out_append_astring(j, j->password);
+                r = out_append(j, (const char *) out.data, out.size);
         if (r >= 0)
                 r = out_append(j, "\r\n", 2);
+        explicit_bzero(out.data, out.size);
+        gnutls_free(out.data);
+        return r;
+}
+
+static int job_send_login(BackendJob *j) {
+        Broker *b = j->broker;
+        int r;
+
+        if (caps_has(b->prelogin_caps, "LOGINDISABLED"))
+                return -EPERM;
+        if (proxy_auth_enabled(b))
+                /* The broker checked the shared secret; log in as the client's user
+                 * with the configured credentials. */
+                r = out_append_auth_plain(j, j->user, b->cfg.auth_sasl_plain_username, b->cfg.auth_sasl_plain_password);
+        else if (j->authzid[0])
+                r = out_append_auth_plain(j, j->authzid, j->user, j->password);
+        else {
+                r = out_append(j, "L LOGIN ", 8);
+                if (r >= 0)
+                        r = out_append_astring(j, j->user);
+                if (r >= 0)
+                        r = out_append(j, " ", 1);
+                if (r >= 0)
+                        r = out_append_astring(j, j->password);
+                if (r >= 0)
+                        r = out_append(j, "\r\n", 2);
+        }
         explicit_bzero(j->password, sizeof(j->password));
         if (r < 0)
                 return r;
         job_enter_phase(j, PHASE_LOGIN);
         return job_flush(j);
+}
+
+static int out_append_quoted(BackendJob *j, const char *s) {
+        int r = out_reserve(j, 2 * strlen(s) + 3);
+        if (r < 0)
+                return r;
+        j->out[j->out_len++] = '"';
+        for (; *s; s++) {
+                if (*s == '"' || *s == '\\')
+                        j->out[j->out_len++] = '\\';
+                j->out[j->out_len++] = *s;
+        }
+        j->out[j->out_len++] = '"';
+        return 0;
+}
+
+/* ID ( client pairs "x-originating-ip" ... ). */
+static int job_send_id(BackendJob *j) {
+        char num[16];
+        int r = out_append(j, "I ID (", 6);
+        bool first = true;
+
+        if (r >= 0 && j->client_id && strlen(j->client_id) > 2) {
+                r = out_append(j, j->client_id + 1, strlen(j->client_id) - 2); /* without the parentheses */
+                first = false;
+        }
+        const struct {
+                const char *key, *addr;
+                unsigned port;
+        } f[] = {
+                { "x-originating-ip", j->client_addr, 0 },
+                { "x-originating-port", NULL, j->client_port },
+                { "x-connected-ip", j->local_addr, 0 },
+                { "x-connected-port", NULL, j->local_port },
+        };
+        for (size_t i = 0; i < ELEMENTSOF(f) && r >= 0; i++) {
+                const char *v = f[i].addr;
+                if (!v) {
+                        if (f[i].port == 0)
+                                continue;
+                        snprintf(num, sizeof(num), "%u", f[i].port);
+                        v = num;
+                }
+                if (!*v)
+                        continue;
+                r = out_append(j, first ? "" : " ", first ? 0 : 1);
+                first = false;
+                if (r >= 0)
+                        r = out_append_quoted(j, f[i].key);
+                if (r >= 0)
+                        r = out_append(j, " ", 1);
+                if (r >= 0)
+                        r = out_append_quoted(j, v);
+        }
+        if (r >= 0)
+                r = out_append(j, ")\r\n", 3);
+        if (r < 0)
+                return r;
+        job_enter_phase(j, PHASE_ID);
+        return job_flush(j);
+}
+
+/* After the greeting and capabilities: the optional steps, then login. */
+static int job_advance(BackendJob *j) {
+        Broker *b = j->broker;
+        int r;
+
+        if (j->probe) {
+                job_enter_phase(j, PHASE_LOGOUT);
+                return job_send(j, "P LOGOUT\r\n");
+        }
+        if (j->phase < PHASE_PREAUTH && b->cfg.preauth_command) {
+                job_enter_phase(j, PHASE_PREAUTH);
+                r = out_append(j, "P ", 2);
+                if (r >= 0)
+                        r = out_append(j, b->cfg.preauth_command, strlen(b->cfg.preauth_command));
+                if (r >= 0)
+                        r = out_append(j, "\r\n", 2);
+                return r < 0 ? r : job_flush(j);
+        }
+        if (j->phase < PHASE_ID && b->cfg.forward_client_id)
+                return job_send_id(j);
+        return job_send_login(j);
 }
 
 /* ---- input ---- */
@@ -404,11 +544,7 @@ static int job_handle_line(BackendJob *j, const ImapLine *l) {
                         job_enter_phase(j, PHASE_CAPA_PRE);
                         return job_send(j, "C CAPABILITY\r\n");
                 }
-                if (j->probe) {
-                        job_enter_phase(j, PHASE_LOGOUT);
-                        return job_send(j, "P LOGOUT\r\n");
-                }
-                return job_send_login(j);
+                return job_advance(j);
 
         case PHASE_CAPA_PRE:
                 if (untagged) {
@@ -418,11 +554,28 @@ static int job_handle_line(BackendJob *j, const ImapLine *l) {
                 }
                 if (!imap_arg_is(tag, "C") || l->n_args < 2 || !is_status(&l->args[1], "OK"))
                         return -EPROTO;
-                if (j->probe) {
-                        job_enter_phase(j, PHASE_LOGOUT);
-                        return job_send(j, "P LOGOUT\r\n");
+                return job_advance(j);
+
+        case PHASE_PREAUTH:
+                if (untagged)
+                        return 0;
+                if (!imap_arg_is(tag, "P") || l->n_args < 2)
+                        return -EPROTO;
+                if (!is_status(&l->args[1], "OK")) {
+                        resp_text_of(l, text, sizeof(text));
+                        char clean[256];
+                        log_warning("backend refused preauth_command: %s",
+                                    log_sanitize(text, strlen(text), clean, sizeof(clean)));
+                        return -EREMOTEIO;
                 }
-                return job_send_login(j);
+                return job_advance(j);
+
+        case PHASE_ID:
+                if (untagged)
+                        return 0; /* the server's own * ID */
+                if (!imap_arg_is(tag, "I") || l->n_args < 2)
+                        return -EPROTO;
+                return job_advance(j); /* a refused ID does not stop the login */
 
         case PHASE_LOGIN:
                 if (cont) {
@@ -520,7 +673,8 @@ static int job_on_io(sd_event_source *s, int fd, uint32_t revents, void *userdat
                 r = job_handle_line(j, imap_scanner_line(j->scanner));
                 if (r < 0) {
                         job_fail(j, r, r == -EPERM ? "server says LOGINDISABLED (TLS is not available yet)"
-                                       : r == -ECONNRESET ? "server said BYE" : "unexpected response");
+                                       : r == -ECONNRESET ? "server said BYE"
+                                       : r == -EREMOTEIO ? "preauth_command refused" : "unexpected response");
                         return 0;
                 }
                 if (r == 2)
@@ -620,7 +774,29 @@ static void job_on_resolved(void *userdata, int error, struct addrinfo *ai) {
         job_connect_next(j);
 }
 
-int backend_job_start(Broker *b, const char *user, const char *password, const uint8_t verifier[VERIFIER_SIZE],
+/* The session's ID text, re-checked: "(" ... ")" that scans as one line
+ * without literals, so it cannot smuggle a command or desynchronise us. */
+static bool client_id_valid(const char *text) {
+        size_t l = strlen(text);
+        ImapScanLimits lim = { .max_line = IPC_ID_MAX + 16, .max_literal = 0, .max_depth = 2,
+                               .capture_size = 64, .max_args = 4 };
+        ImapScanner *sc = NULL;
+        size_t used;
+        bool ok = false;
+
+        if (l < 2 || text[0] != '(' || text[l - 1] != ')' || strpbrk(text, "\r\n"))
+                return false;
+        if (imap_scanner_new(IMAP_SCAN_CLIENT, &lim, &sc) < 0)
+                return false;
+        if (imap_scanner_feed(sc, (const uint8_t *) "I ID ", 5, &used) == IMAP_SCAN_NEED_MORE &&
+            imap_scanner_feed(sc, (const uint8_t *) text, l, &used) == IMAP_SCAN_NEED_MORE && used == l &&
+            imap_scanner_feed(sc, (const uint8_t *) "\r\n", 2, &used) == IMAP_SCAN_LINE)
+                ok = imap_scanner_line(sc)->n_literals == 0;
+        imap_scanner_free(sc);
+        return ok;
+}
+
+int backend_job_start(Broker *b, const struct ipc_checkout *req, const uint8_t verifier[VERIFIER_SIZE],
                       BackendDoneFn done, void *userdata, BackendJob **ret) {
         ImapScanLimits lim = {
                 .max_line = BACKEND_MAX_LINE,
@@ -638,12 +814,23 @@ int backend_job_start(Broker *b, const char *user, const char *password, const u
         j->fd = -EBADF;
         j->done = done;
         j->userdata = userdata;
-        j->probe = !user;
+        j->probe = !req;
         b->n_pending++;
-        if (user) {
-                snprintf(j->user, sizeof(j->user), "%s", user);
-                snprintf(j->password, sizeof(j->password), "%s", password);
+        if (req) {
+                snprintf(j->user, sizeof(j->user), "%s", req->user);
+                snprintf(j->authzid, sizeof(j->authzid), "%s", req->authzid);
+                snprintf(j->password, sizeof(j->password), "%s", req->password);
+                snprintf(j->client_addr, sizeof(j->client_addr), "%s", req->client_addr);
+                snprintf(j->local_addr, sizeof(j->local_addr), "%s", req->local_addr);
+                j->client_port = req->client_port;
+                j->local_port = req->local_port;
                 memcpy(j->verifier, verifier, VERIFIER_SIZE);
+                if (req->client_id[0]) {
+                        if (client_id_valid(req->client_id))
+                                j->client_id = strdup(req->client_id);
+                        else
+                                log_warning("session sent an invalid ID parameter list for %s: not forwarded", j->user);
+                }
         }
         r = imap_scanner_new(IMAP_SCAN_SERVER, &lim, &j->scanner);
         if (r < 0) {
@@ -694,7 +881,7 @@ static int probe_on_timer(sd_event_source *s, uint64_t usec, void *userdata) {
         Broker *b = userdata;
         if (b->prelogin_caps_known || probe_job || b->stopping)
                 return 0;
-        int r = backend_job_start(b, NULL, NULL, NULL, probe_done, b, &probe_job);
+        int r = backend_job_start(b, NULL, NULL, probe_done, b, &probe_job);
         if (r < 0)
                 log_warning_errno(r, "cannot start backend probe: %m");
         return 0;

@@ -57,7 +57,8 @@ struct Conn {
         uint8_t verifier[VERIFIER_SIZE];
         Conn *bucket_next, *bucket_prev; /* pool hash chain (idle only) */
         Conn *idle_next, *idle_prev;     /* global idle list, oldest first */
-        char user[IPC_USER_MAX];
+        char user[IPC_USER_MAX];         /* authentication identity */
+        char authzid[IPC_USER_MAX];      /* authorisation identity, "" if none */
 };
 
 typedef struct Stats {
@@ -114,20 +115,24 @@ struct Broker {
 int pool_init(Broker *b);
 void pool_done(Broker *b);
 unsigned pool_total(const Broker *b);
-int pool_checkout(Broker *b, const char *user, const uint8_t verifier[VERIFIER_SIZE], Conn **ret);
+int pool_checkout(Broker *b, const char *user, const char *authzid, const uint8_t verifier[VERIFIER_SIZE],
+                  Conn **ret);
 int pool_make_room(Broker *b);
 int pool_checkin(Broker *b, Conn *c, int fd);
 void pool_return_dirty(Broker *b, Conn *c, int fd);
 void pool_conn_free(Conn *c, bool logout);
-void pool_drop_user_except(Broker *b, const char *user, const uint8_t verifier[VERIFIER_SIZE]);
+void pool_drop_user_except(Broker *b, const char *user, const char *authzid, const uint8_t verifier[VERIFIER_SIZE]);
 void pool_logout_all(Broker *b);
-void compute_verifier(const Broker *b, const char *user, const char *password, uint8_t ret[VERIFIER_SIZE]);
-Conn *conn_new_lent(Broker *b, int fd, const char *user, const uint8_t verifier[VERIFIER_SIZE], Caps *caps);
+void compute_verifier(const Broker *b, const char *user, const char *authzid, const char *password,
+                      uint8_t ret[VERIFIER_SIZE]);
+Conn *conn_new_lent(Broker *b, int fd, const char *user, const char *authzid, const uint8_t verifier[VERIFIER_SIZE],
+                    Caps *caps);
 
 /* backend.c */
 typedef void (*BackendDoneFn)(void *userdata, int error, Conn *conn, IpcFailStatus status, const char *text);
-int backend_job_start(Broker *b, const char *user, const char *password, const uint8_t verifier[VERIFIER_SIZE],
+int backend_job_start(Broker *b, const struct ipc_checkout *req, const uint8_t verifier[VERIFIER_SIZE],
                       BackendDoneFn done, void *userdata, BackendJob **ret);
+bool proxy_auth_enabled(const Broker *b);
 void backend_job_cancel(BackendJob *j);
 int backend_init(Broker *b);
 void backend_done(Broker *b);

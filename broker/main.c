@@ -115,6 +115,13 @@ static int load_config(Broker *b) {
         r = config_load_file(&b->cfg, arg_config, config_warn, NULL, err, sizeof(err));
         if (r < 0)
                 return log_error_errno(r, "%s", err);
+        int n_auth = !!b->cfg.auth_shared_secret + !!b->cfg.auth_sasl_plain_username + !!b->cfg.auth_sasl_plain_password;
+        if (n_auth != 0 && n_auth != 3)
+                return log_error_errno(-EINVAL, "%s: proxy authentication needs all of auth_shared_secret, "
+                                       "auth_sasl_plain_username and auth_sasl_plain_password", arg_config);
+        if (n_auth == 3)
+                log_info("proxy authentication: clients log in with the shared secret, the backend sees %s",
+                         b->cfg.auth_sasl_plain_username);
         if (!b->cfg.server_hostname)
                 return log_error_errno(-EINVAL, "%s: server_hostname is not set: which IMAP server should we cache?",
                                        arg_config);

@@ -19,6 +19,8 @@
  *	only with the very socket it was lent (SO_COOKIE).
  */
 #include <errno.h>
+#include <gnutls/crypto.h>
+#include <gnutls/gnutls.h>
 #include <grp.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -132,7 +134,7 @@ static void peer_on_backend_done(void *userdata, int error, Conn *c, IpcFailStat
 
         p->job = NULL;
         if (error == 0 && c) {
-                pool_drop_user_except(b, c->user, c->verifier);
+                pool_drop_user_except(b, c->user, c->authzid, c->verifier);
                 r = peer_lend(p, c, false);
         } else {
                 if (status == IPC_FAIL_NO || status == IPC_FAIL_BAD) {
@@ -148,6 +150,19 @@ static void peer_on_backend_done(void *userdata, int error, Conn *c, IpcFailStat
         }
 }
 
+/* Full-length, constant-time comparison: HMACs of both under our key. */
+static bool secret_equal(const Broker *b, const char *given, const char *secret) {
+        uint8_t x[VERIFIER_SIZE], y[VERIFIER_SIZE], d = 0;
+        if (gnutls_hmac_fast(GNUTLS_MAC_SHA256, b->hmac_key, sizeof(b->hmac_key), given, strlen(given), x) < 0 ||
+            gnutls_hmac_fast(GNUTLS_MAC_SHA256, b->hmac_key, sizeof(b->hmac_key), secret, strlen(secret), y) < 0)
+                return false;
+        for (size_t i = 0; i < VERIFIER_SIZE; i++)
+                d |= (uint8_t) (x[i] ^ y[i]);
+        explicit_bzero(x, sizeof(x));
+        explicit_bzero(y, sizeof(y));
+        return d == 0;
+}
+
 static int peer_on_checkout(Peer *p, struct ipc_checkout *m) {
         Broker *b = p->broker;
         uint8_t verifier[VERIFIER_SIZE];
@@ -155,10 +170,16 @@ static int peer_on_checkout(Peer *p, struct ipc_checkout *m) {
         int r;
 
         snprintf(p->user, sizeof(p->user), "%s", m->user);
-        compute_verifier(b, m->user, m->password, verifier);
+        if (proxy_auth_enabled(b) &&
+            (m->authzid[0] != '\0' || !secret_equal(b, m->password, b->cfg.auth_shared_secret))) {
+                log_notice("login %s failed: not the shared secret (auth_shared_secret)", m->user);
+                b->stats.login_failures++;
+                return peer_send_fail(p, IPC_FAIL_NO, "[AUTHENTICATIONFAILED] Authentication failed.");
+        }
+        compute_verifier(b, m->user, m->authzid, m->password, verifier);
 
         if (!(m->flags & IPC_CHECKOUT_F_FRESH) && !b->stopping) {
-                r = pool_checkout(b, m->user, verifier, &c);
+                r = pool_checkout(b, m->user, m->authzid, verifier, &c);
                 if (r == 0)
                         return peer_lend(p, c, true);
         }
@@ -172,7 +193,7 @@ static int peer_on_checkout(Peer *p, struct ipc_checkout *m) {
                 return peer_send_fail(p, IPC_FAIL_UNAVAILABLE, "[UNAVAILABLE] Too many connections, try again later.");
         }
         peer_enter_state(p, PEER_PENDING);
-        r = backend_job_start(b, m->user, m->password, verifier, peer_on_backend_done, p, &p->job);
+        r = backend_job_start(b, m, verifier, peer_on_backend_done, p, &p->job);
         explicit_bzero(verifier, sizeof(verifier));
         if (r < 0) {
                 peer_enter_state(p, PEER_READY);

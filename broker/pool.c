@@ -63,11 +63,13 @@ Caps *caps_intern(Broker *b, const char *text) {
         return c;
 }
 
-void compute_verifier(const Broker *b, const char *user, const char *password, uint8_t ret[VERIFIER_SIZE]) {
+void compute_verifier(const Broker *b, const char *user, const char *authzid, const char *password,
+                      uint8_t ret[VERIFIER_SIZE]) {
         gnutls_hmac_hd_t h;
         if (gnutls_hmac_init(&h, GNUTLS_MAC_SHA256, b->hmac_key, sizeof(b->hmac_key)) < 0)
                 abort(); /* SHA-256 HMAC is always available: a failure is corruption */
-        (void) gnutls_hmac(h, user, strlen(user) + 1); /* the NUL separates user from password */
+        (void) gnutls_hmac(h, user, strlen(user) + 1); /* the NULs separate the fields */
+        (void) gnutls_hmac(h, authzid, strlen(authzid) + 1);
         (void) gnutls_hmac(h, password, strlen(password));
         gnutls_hmac_deinit(h, ret);
 }
@@ -293,7 +295,8 @@ static uint64_t socket_cookie(int fd) {
         return cookie;
 }
 
-Conn *conn_new_lent(Broker *b, int fd, const char *user, const uint8_t verifier[VERIFIER_SIZE], Caps *caps) {
+Conn *conn_new_lent(Broker *b, int fd, const char *user, const char *authzid, const uint8_t verifier[VERIFIER_SIZE],
+                    Caps *caps) {
         Conn *c = calloc(1, sizeof(Conn));
         if (!c)
                 return NULL;
@@ -304,21 +307,25 @@ Conn *conn_new_lent(Broker *b, int fd, const char *user, const uint8_t verifier[
         c->created_usec = now_usec();
         c->caps = caps_ref(caps);
         memcpy(c->verifier, verifier, VERIFIER_SIZE);
-        size_t l = strlen(user);
-        memcpy(c->user, user, MIN(l + 1, sizeof(c->user)));
-        c->user[sizeof(c->user) - 1] = '\0';
+        snprintf(c->user, sizeof(c->user), "%s", user);
+        snprintf(c->authzid, sizeof(c->authzid), "%s", authzid);
         b->n_lent++;
         if (b->n_lent > b->stats.peak_lent)
                 b->stats.peak_lent = b->n_lent;
         return c;
 }
 
-int pool_checkout(Broker *b, const char *user, const uint8_t verifier[VERIFIER_SIZE], Conn **ret) {
+static bool conn_is(const Conn *c, const char *user, const char *authzid) {
+        return strcmp(c->user, user) == 0 && strcmp(c->authzid, authzid) == 0;
+}
+
+int pool_checkout(Broker *b, const char *user, const char *authzid, const uint8_t verifier[VERIFIER_SIZE],
+                  Conn **ret) {
         Conn *c = b->buckets[bucket_of(b, user)];
 
         while (c) {
                 Conn *next = c->bucket_next;
-                if (strcmp(c->user, user) == 0 && verifier_equal(c->verifier, verifier)) {
+                if (conn_is(c, user, authzid) && verifier_equal(c->verifier, verifier)) {
                         /* Never lend a dead one: look at what arrived since the last wake-up. */
                         int r = idle_drain(c);
                         if (r < 0) {
@@ -341,11 +348,11 @@ int pool_checkout(Broker *b, const char *user, const uint8_t verifier[VERIFIER_S
         return -ENOENT;
 }
 
-void pool_drop_user_except(Broker *b, const char *user, const uint8_t verifier[VERIFIER_SIZE]) {
+void pool_drop_user_except(Broker *b, const char *user, const char *authzid, const uint8_t verifier[VERIFIER_SIZE]) {
         Conn *c = b->buckets[bucket_of(b, user)];
         while (c) {
                 Conn *next = c->bucket_next;
-                if (strcmp(c->user, user) == 0 && !verifier_equal(c->verifier, verifier)) {
+                if (conn_is(c, user, authzid) && !verifier_equal(c->verifier, verifier)) {
                         log_info("dropping idle connection of %s: the password changed", user);
                         pool_conn_free(c, true);
                 }
@@ -393,6 +400,22 @@ int pool_checkin(Broker *b, Conn *c, int fd) {
         }
         if (b->n_idle + 1 > b->n_buckets && b->n_buckets < (1u << 24))
                 (void) pool_grow(b);
+
+        /* At most max_idle_per_user idle connections per identity: the
+         * oldest of them goes (the pool tracks each user's real peak). */
+        unsigned same = 0;
+        Conn *oldest = NULL;
+        for (Conn *o = b->buckets[bucket_of(b, c->user)]; o; o = o->bucket_next)
+                if (conn_is(o, c->user, c->authzid)) {
+                        same++;
+                        if (!oldest || o->idle_since_usec < oldest->idle_since_usec)
+                                oldest = o;
+                }
+        if (same >= b->cfg.max_idle_per_user && oldest) {
+                log_debug("max_idle_per_user %u reached for %s: closing its oldest idle connection",
+                          b->cfg.max_idle_per_user, c->user);
+                pool_conn_free(oldest, true);
+        }
 
         c->idle_since_usec = now_usec();
         bucket_link(b, c);

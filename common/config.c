@@ -111,10 +111,6 @@ typedef struct ConfigKey {
         "'yes' cannot be honoured: backend TLS is not yet supported and passwords would go to "   \
         "the server in clear text; remove the line or set 'force_tls no'"
 #define WHY_TLS "not yet supported: imapproxy speaks plain IMAP to the backend"
-#define WHY_PROXY_AUTH                                                                            \
-        "not yet supported: no proxy authentication (AUTHENTICATE PLAIN with a shared secret); "  \
-        "clients log in with their own passwords"
-#define WHY_PREAUTH "not yet supported: no command is sent to the backend before login"
 #define WHY_ADMIN "not yet supported: the XPROXY_* admin commands are not implemented"
 
 /* C type of the Config field behind each ConfigType; KEY() checks it at compile time. */
@@ -167,7 +163,7 @@ static const ConfigKey config_keys[] = {
             WHY_FOREGROUND),
         KEY("force_tls", BOOL, force_tls, 0, 0, CONFIG_F_REFUSE_IF_TRUE, WHY_FORCE_TLS),
         KEY("chroot_directory", STRING, chroot_directory, 0, 0, 0, WHY_CHROOT),
-        KEY("preauth_command", STRING, preauth_command, 0, 0, 0, WHY_PREAUTH),
+        KEY("preauth_command", STRING, preauth_command, 0, 0, 0, NULL),
         KEY("enable_admin_commands", BOOL, enable_admin_commands, 0, 0,
             CONFIG_F_WARN_IF_TRUE, WHY_ADMIN),
         KEY("tls_ca_file", STRING, tls_ca_file, 0, 0, 0, WHY_TLS),
@@ -179,12 +175,10 @@ static const ConfigKey config_keys[] = {
         KEY("tls_no_tlsv1", BOOL, tls_no_tlsv1, 0, 0, 0, WHY_TLS),
         KEY("tls_no_tlsv1.1", BOOL, tls_no_tlsv1_1, 0, 0, 0, WHY_TLS),
         KEY("tls_no_tlsv1.2", BOOL, tls_no_tlsv1_2, 0, 0, 0, WHY_TLS),
-        KEY("auth_sasl_plain_username", STRING, auth_sasl_plain_username, 0, 0, 0,
-            WHY_PROXY_AUTH),
+        KEY("auth_sasl_plain_username", STRING, auth_sasl_plain_username, 0, 0, 0, NULL),
         KEY("auth_sasl_plain_password", STRING, auth_sasl_plain_password, 0, 0,
-            CONFIG_F_SECRET, WHY_PROXY_AUTH),
-        KEY("auth_shared_secret", STRING, auth_shared_secret, 0, 0, CONFIG_F_SECRET,
-            WHY_PROXY_AUTH),
+            CONFIG_F_SECRET, NULL),
+        KEY("auth_shared_secret", STRING, auth_shared_secret, 0, 0, CONFIG_F_SECRET, NULL),
         KEY("dns_rr", BOOL, dns_rr, 0, 0, 0, NULL),
         KEY("ipversion_only", IPVERSION, ipversion_only, 0, 0, 0, NULL),
 
@@ -193,9 +187,14 @@ static const ConfigKey config_keys[] = {
         KEY("backend_timeout", UINT, backend_timeout, 1, 86400, 0, NULL),
         KEY("client_prelogin_timeout", UINT, client_prelogin_timeout, 1, 86400, 0, NULL),
         KEY("client_idle_timeout", UINT, client_idle_timeout, 1, 86400, 0, NULL),
+        KEY("backend_response_timeout", UINT, backend_response_timeout, 1, 86400, 0, NULL),
         KEY("max_prelogin_line", BYTES, max_prelogin_line, 1024, 1048576, 0, NULL),
         KEY("max_command_line", BYTES, max_command_line, 1024, 16777216, 0, NULL),
         KEY("max_literal_size", BYTES64, max_literal_size, 1, UINT64_C(1) << 40, 0, NULL),
+        KEY("login_max_failures", UINT, login_max_failures, 1, 1000, 0, NULL),
+        KEY("login_failure_delay", UINT, login_failure_delay, 0, 60000, 0, NULL),
+        KEY("forward_client_id", BOOL, forward_client_id, 0, 0, 0, NULL),
+        KEY("max_idle_per_user", UINT, max_idle_per_user, 1, 1000000, 0, NULL),
 };
 
 typedef struct NameValue {
@@ -768,9 +767,13 @@ int config_init(Config *c) {
                 .backend_timeout = 30,
                 .client_prelogin_timeout = 60,
                 .client_idle_timeout = 1800,
-                .max_prelogin_line = 8192,
-                .max_command_line = 65536,
+                .backend_response_timeout = 300,
+                .max_prelogin_line = 40960,
+                .max_command_line = 262144,
                 .max_literal_size = UINT64_C(1) << 30,
+                .login_max_failures = 3,
+                .login_failure_delay = 2000,
+                .max_idle_per_user = 8,
         };
         c->server_port = strdup("143");
         c->broker_socket = strdup(IPC_DEFAULT_SOCKET);

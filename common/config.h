@@ -61,9 +61,14 @@ typedef struct Config {
         unsigned backend_timeout;      /* s: connect, greeting, login, each backend reply; default 30 */
         unsigned client_prelogin_timeout; /* s: client idle before login; default 60 */
         unsigned client_idle_timeout;  /* s: client idle after login; default 1800 */
-        unsigned max_prelogin_line;    /* bytes; default 8192 */
-        unsigned max_command_line;     /* bytes after login; default 65536 */
+        unsigned backend_response_timeout; /* s: backend silent while a command runs; default 300 */
+        unsigned max_prelogin_line;    /* bytes; default 40960 (a 30 KB ID must pass) */
+        unsigned max_command_line;     /* bytes after login; default 262144 */
         uint64_t max_literal_size;     /* bytes after login; default 1 GiB */
+        unsigned login_max_failures;   /* failed logins before the client is disconnected; default 3 */
+        unsigned login_failure_delay;  /* ms: a failed login is answered no sooner; default 2000 */
+        bool forward_client_id;        /* send the client's ID + x-originating-* before LOGIN */
+        unsigned max_idle_per_user;    /* idle pooled connections kept per user; default 8 */
 } Config;
 
 /* Called once per occurrence of a key that is accepted but not applied (or

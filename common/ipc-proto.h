@@ -12,15 +12,16 @@
  *	session                           broker
  *	HELLO{version}              ->
  *	                            <-    HELLO_REPLY{version, pre-login caps}
- *	CHECKOUT{user,pass,addr}    ->
+ *	CHECKOUT{user,authzid,pass,addrs,id} ->
  *	                            <-    CHECKOUT_OK{ticket, caps} + fd
  *	                                | CHECKOUT_FAIL{status, text}
  *	CHECKIN{ticket,state} + fd  ->    (no reply; the session may exit)
  *
  * SECURITY
- *	The broker builds the pool key from the user and password it receives
- *	(HMAC), never from anything else a session says; a session can only get
- *	a connection for credentials it already holds.
+ *	The broker builds the pool key from the user, authzid and password it
+ *	receives (HMAC), never from anything else a session says; a session can
+ *	only get a connection for credentials it already holds. client_id is
+ *	re-validated by the broker before it is sent to a backend.
  */
 #pragma once
 
@@ -28,7 +29,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define IPC_PROTO_VERSION 1 /* bump on ANY change to a type, payload or limit below */
+#define IPC_PROTO_VERSION 2 /* bump on ANY change to a type, payload or limit below */
 
 /* Field limits (bytes including the terminating NUL). */
 #define IPC_USER_MAX 256
@@ -36,6 +37,7 @@
 #define IPC_ADDR_MAX 64
 #define IPC_CAPS_MAX 2048
 #define IPC_TEXT_MAX 1024
+#define IPC_ID_MAX 4096
 
 /*        type                 name             payload                       fd */
 #define IPC_MESSAGES(X)                                                                           \
@@ -80,11 +82,17 @@ static_assert(sizeof(struct ipc_hello_reply) == 8 + IPC_CAPS_MAX, "wire change: 
 struct ipc_checkout {
         uint32_t flags;                    /* IPC_CHECKOUT_F_* */
         uint32_t client_port;              /* 0 if unknown */
-        char user[IPC_USER_MAX];           /* as the client meant it (decoded astring) */
+        uint32_t local_port;               /* the proxy's port the client reached; 0 if unknown */
+        uint32_t reserved;                 /* 0 */
+        char user[IPC_USER_MAX];           /* authentication identity, as the client meant it (decoded) */
+        char authzid[IPC_USER_MAX];        /* authorisation identity; "" when none or equal to user */
         char password[IPC_PASSWORD_MAX];   /* secret: wiped by both sides after use */
         char client_addr[IPC_ADDR_MAX];    /* numeric address, "" if unknown */
+        char local_addr[IPC_ADDR_MAX];     /* numeric address, "" if unknown */
+        char client_id[IPC_ID_MAX];        /* client's ID parameter list re-serialised as "(...)", or "" */
 };
-static_assert(sizeof(struct ipc_checkout) == 8 + IPC_USER_MAX + IPC_PASSWORD_MAX + IPC_ADDR_MAX,
+static_assert(sizeof(struct ipc_checkout) ==
+                      16 + 2 * IPC_USER_MAX + IPC_PASSWORD_MAX + 2 * IPC_ADDR_MAX + IPC_ID_MAX,
               "wire change: bump IPC_PROTO_VERSION");
 
 #define IPC_LEASE_F_REUSED 0x1u /* connection came from the pool (else: fresh login) */

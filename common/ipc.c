@@ -91,8 +91,11 @@ static int ipc_validate(const IpcMessage *m) {
                         return -EPROTO;
                 return FIELD_OK(m->u.hello_reply.caps) ? 0 : -EPROTO;
         case IPC_CHECKOUT:
-                if (!FIELD_OK(m->u.checkout.user) || !FIELD_OK(m->u.checkout.password) ||
-                    !FIELD_OK(m->u.checkout.client_addr))
+                if (!FIELD_OK(m->u.checkout.user) || !FIELD_OK(m->u.checkout.authzid) ||
+                    !FIELD_OK(m->u.checkout.password) || !FIELD_OK(m->u.checkout.client_addr) ||
+                    !FIELD_OK(m->u.checkout.local_addr) || !FIELD_OK(m->u.checkout.client_id))
+                        return -EPROTO;
+                if (m->u.checkout.reserved != 0 || m->u.checkout.local_port > 65535)
                         return -EPROTO;
                 if (m->u.checkout.user[0] == '\0')
                         return -EPROTO;

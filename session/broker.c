@@ -73,7 +73,8 @@ int broker_hello(Session *s) {
         return 0;
 }
 
-int broker_checkout(Session *s, const char *user, const char *password, struct ipc_checkout_fail *ret_fail) {
+int broker_checkout(Session *s, const char *user, const char *authzid, const char *password,
+                    struct ipc_checkout_fail *ret_fail) {
         struct ipc_checkout req = {};
         IpcMessage m;
         int r;
@@ -83,13 +84,17 @@ int broker_checkout(Session *s, const char *user, const char *password, struct i
                 if (r < 0)
                         return r;
         }
-        size_t ul = strlen(user), pl = strlen(password);
-        if (ul == 0 || ul >= sizeof(req.user) || pl >= sizeof(req.password))
+        size_t ul = strlen(user), zl = strlen(authzid), pl = strlen(password);
+        if (ul == 0 || ul >= sizeof(req.user) || zl >= sizeof(req.authzid) || pl >= sizeof(req.password))
                 return -E2BIG;
         memcpy(req.user, user, ul + 1);
+        memcpy(req.authzid, authzid, zl + 1);
         memcpy(req.password, password, pl + 1);
         snprintf(req.client_addr, sizeof(req.client_addr), "%s", s->client_addr);
         req.client_port = s->client_port;
+        snprintf(req.local_addr, sizeof(req.local_addr), "%s", s->local_addr);
+        req.local_port = s->local_port;
+        snprintf(req.client_id, sizeof(req.client_id), "%s", s->client_id);
 
         r = ipc_send(s->broker_fd, IPC_CHECKOUT, &req, sizeof(req), -EBADF);
         explicit_bzero(&req, sizeof(req));

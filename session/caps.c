@@ -3,8 +3,12 @@
  *
  * DESCRIPTION
  *	The backend's own list, minus what the proxy cannot honour end to end
- *	(client STARTTLS and AUTH= mechanisms it does not terminate yet,
- *	SASL-IR, LOGINDISABLED, LOGIN-REFERRALS, COMPRESS=*), plus XIMAPPROXY.
+ *	(client STARTTLS, the backend's AUTH= mechanisms and SASL-IR,
+ *	LOGINDISABLED, LOGIN-REFERRALS, COMPRESS=*), plus before login the
+ *	mechanisms the proxy itself implements (AUTH=PLAIN AUTH=LOGIN SASL-IR),
+ *	plus XIMAPPROXY. When the backend refuses plaintext logins
+ *	(LOGINDISABLED) and the proxy has no TLS to it, LOGINDISABLED is shown
+ *	and no mechanism is offered.
  *	Pure string work; owns nothing.
  */
 #include <stdio.h>
@@ -52,9 +56,18 @@ void caps_filter(const char *backend_caps, bool prelogin, char *out, size_t outs
                 }
                 p = e;
         }
-        if (o + sizeof(" XIMAPPROXY") < outsize) {
-                memcpy(out + o, o ? " XIMAPPROXY" : "XIMAPPROXY", o ? 12 : 11);
+        const char *ours = " XIMAPPROXY";
+        if (prelogin)
+                ours = caps_contains(backend_caps ? backend_caps : "", "LOGINDISABLED")
+                               ? " LOGINDISABLED XIMAPPROXY"
+                               : " AUTH=PLAIN AUTH=LOGIN SASL-IR XIMAPPROXY";
+        size_t ol = strlen(ours);
+        if (o == 0) {
+                ours++;
+                ol--;
         }
+        if (o + ol < outsize)
+                memcpy(out + o, ours, ol + 1);
 }
 
 bool caps_contains(const char *caps, const char *word) {

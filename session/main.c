@@ -54,6 +54,18 @@ static int listen_fds(void) {
         return (int) MIN(n, 1UL);
 }
 
+static void sockaddr_text(const struct sockaddr_storage *ss, char *addr, size_t size, unsigned *ret_port) {
+        if (ss->ss_family == AF_INET) {
+                const struct sockaddr_in *in = (const struct sockaddr_in *) ss;
+                (void) inet_ntop(AF_INET, &in->sin_addr, addr, (socklen_t) size);
+                *ret_port = ntohs(in->sin_port);
+        } else if (ss->ss_family == AF_INET6) {
+                const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *) ss;
+                (void) inet_ntop(AF_INET6, &in6->sin6_addr, addr, (socklen_t) size);
+                *ret_port = ntohs(in6->sin6_port);
+        }
+}
+
 static void client_address(Session *s) {
         struct sockaddr_storage ss;
         socklen_t l = sizeof(ss);
@@ -62,19 +74,13 @@ static void client_address(Session *s) {
         if (ra && *ra) {
                 snprintf(s->client_addr, sizeof(s->client_addr), "%s", ra);
                 s->client_port = rp ? (unsigned) strtoul(rp, NULL, 10) : 0;
-                return;
-        }
-        if (getpeername(s->client_in, (struct sockaddr *) &ss, &l) < 0)
-                return;
-        if (ss.ss_family == AF_INET) {
-                struct sockaddr_in *in = (struct sockaddr_in *) &ss;
-                (void) inet_ntop(AF_INET, &in->sin_addr, s->client_addr, sizeof(s->client_addr));
-                s->client_port = ntohs(in->sin_port);
-        } else if (ss.ss_family == AF_INET6) {
-                struct sockaddr_in6 *in6 = (struct sockaddr_in6 *) &ss;
-                (void) inet_ntop(AF_INET6, &in6->sin6_addr, s->client_addr, sizeof(s->client_addr));
-                s->client_port = ntohs(in6->sin6_port);
-        }
+        } else if (getpeername(s->client_in, (struct sockaddr *) &ss, &l) == 0)
+                sockaddr_text(&ss, s->client_addr, sizeof(s->client_addr), &s->client_port);
+        l = sizeof(ss);
+        if (getsockname(s->client_in, (struct sockaddr *) &ss, &l) == 0)
+                sockaddr_text(&ss, s->local_addr, sizeof(s->local_addr), &s->local_port);
+        if (s->client_port > 65535)
+                s->client_port = 0;
 }
 
 static void config_warn(void *userdata, const char *msg) {

@@ -6,10 +6,14 @@
  * DESCRIPTION
  *	Reads client bytes with the pre-login timeout, scans them with the
  *	client-mode IMAP scanner under the small pre-login limits, and answers
- *	CAPABILITY, NOOP, ID, LOGOUT and LOGIN itself; any other command gets a
- *	tagged BAD. Synchronising literals get "+" only within the limits.
- *	LOGIN asks the broker for a connection; on success the bytes the client
- *	pipelined after LOGIN are kept in s->pending for the relay.
+ *	CAPABILITY, NOOP, ID, LOGOUT, LOGIN and AUTHENTICATE (PLAIN with or
+ *	without SASL-IR, LOGIN) itself; any other command gets a tagged BAD.
+ *	Synchronising literals get "+" only within the limits. A login asks
+ *	the broker for a connection; on success the bytes the client pipelined
+ *	after it are kept in s->pending for the relay. A failed login is
+ *	answered no sooner than login_failure_delay after it was received,
+ *	and login_max_failures of them end the connection. ID parameters are
+ *	kept, re-serialised, for the broker to forward (forward_client_id).
  *	Every composed reply goes out in one write.
  * SECURITY
  *	The password exists in the scanner's capture buffer and on the stack
@@ -21,6 +25,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "fd-util.h"
@@ -30,6 +36,23 @@
 #define READ_CHUNK 4096
 #define TAG_MAX 256
 #define REPLY_MAX (IPC_CAPS_MAX + IPC_TEXT_MAX + 2 * TAG_MAX + 256)
+
+typedef enum AuthStep {
+        AUTH_NONE,
+        AUTH_PLAIN_WAIT, /* "+ " sent, waiting for the PLAIN message */
+        AUTH_LOGIN_USER, /* "+ Username:" sent */
+        AUTH_LOGIN_PASS, /* "+ Password:" sent */
+} AuthStep;
+
+typedef struct Prelogin {
+        Session *s;
+        ImapScanner *sc;
+        AuthStep auth;
+        char auth_tag[TAG_MAX + 1];
+        char auth_user[IPC_USER_MAX];
+        unsigned failures;
+        uint64_t cmd_start_usec;
+} Prelogin;
 
 static int reply(Session *s, const char *fmt, ...) _printf_(2, 3);
 static int reply(Session *s, const char *fmt, ...) {
@@ -61,24 +84,46 @@ static bool is_astring(const ImapArg *a) {
                !a->truncated && a->depth == 0 && memchr(a->str, '\0', a->len) == NULL;
 }
 
-static int do_login(Session *s, const char *tag, const ImapLine *l) {
+/* A failed login: wait out the delay, count it, answer. -ECONNRESET ends the
+ * connection after too many. */
+static int login_failed(Prelogin *p, const char *tag, const char *status, const char *text) {
+        Session *s = p->s;
+        uint64_t due = p->cmd_start_usec + (uint64_t) s->cfg.login_failure_delay * 1000ULL, now = now_usec();
+        if (due > now) {
+                struct timespec ts = { .tv_sec = (time_t) ((due - now) / 1000000ULL),
+                                       .tv_nsec = (long) ((due - now) % 1000000ULL) * 1000L };
+                while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+                        ;
+        }
+        p->failures++;
+        if (p->failures >= s->cfg.login_max_failures) {
+                (void) reply(s, "%s %s %s\r\n* BYE Too many invalid authentication attempts.\r\n", tag, status, text);
+                return -ECONNRESET;
+        }
+        return reply(s, "%s %s %s\r\n", tag, status, text);
+}
+
+static int login_with(Prelogin *p, const char *tag, const char *user, const char *authzid, const char *password) {
+        Session *s = p->s;
         struct ipc_checkout_fail fail;
         char caps[IPC_CAPS_MAX];
         int r;
 
-        if (l->n_args != 4 || !is_astring(&l->args[2]) || !is_astring(&l->args[3]))
-                return reply(s, "%s BAD Invalid arguments to LOGIN.\r\n", tag);
-        if (l->args[2].len >= IPC_USER_MAX || l->args[3].len >= IPC_PASSWORD_MAX || l->args[2].len == 0)
-                return reply(s, "%s NO [LIMIT] User name or password too long.\r\n", tag);
+        if (strlen(user) >= IPC_USER_MAX || strlen(authzid) >= IPC_USER_MAX || strlen(password) >= IPC_PASSWORD_MAX ||
+            !*user)
+                return login_failed(p, tag, "NO", "[LIMIT] User name or password too long.");
+        if (strcmp(authzid, user) == 0)
+                authzid = ""; /* the same identity: one pool entry with LOGIN */
 
-        r = broker_checkout(s, l->args[2].str, l->args[3].str, &fail);
+        r = broker_checkout(s, user, authzid, password, &fail);
         if (r < 0) {
-                log_warning_errno(r, "login %s: broker not available: %m", l->args[2].str);
+                log_warning_errno(r, "login %s: broker not available: %m", user);
                 return reply(s, "%s NO [UNAVAILABLE] Service temporarily unavailable, try again later.\r\n", tag);
         }
         if (r == 1) {
-                const char *status = fail.status == IPC_FAIL_BAD ? "BAD" : "NO";
-                return reply(s, "%s %s %s\r\n", tag, status, fail.text);
+                if (fail.status == IPC_FAIL_UNAVAILABLE)
+                        return reply(s, "%s NO %s\r\n", tag, fail.text);
+                return login_failed(p, tag, fail.status == IPC_FAIL_BAD ? "BAD" : "NO", fail.text);
         }
         caps_filter(s->postlogin_caps, false, caps, sizeof(caps));
         r = reply(s, "%s%s OK [CAPABILITY %s] Logged in\r\n",
@@ -88,11 +133,172 @@ static int do_login(Session *s, const char *tag, const ImapLine *l) {
         return 1;
 }
 
-/* Returns 1 logged in, 0 continue, -ECONNRESET on LOGOUT, <0 error. */
-static int handle_line(Session *s, ImapScanner *sc, const ImapLine *l) {
+static int do_login(Prelogin *p, const char *tag, const ImapLine *l) {
+        if (l->n_args != 4 || !is_astring(&l->args[2]) || !is_astring(&l->args[3]))
+                return reply(p->s, "%s BAD Invalid arguments to LOGIN.\r\n", tag);
+        return login_with(p, tag, l->args[2].str, "", l->args[3].str);
+}
+
+/* PLAIN message in base64 (from SASL-IR or the continuation line). */
+static int auth_plain(Prelogin *p, const char *tag, const char *b64, size_t len) {
+        char msg[IPC_USER_MAX * 2 + IPC_PASSWORD_MAX + 4];
+        char authzid[IPC_USER_MAX], authcid[IPC_USER_MAX], password[IPC_PASSWORD_MAX];
+        size_t n;
+        int r;
+
+        r = sasl_b64_decode(b64, len, msg, sizeof(msg), &n);
+        if (r == -ENOSYS)
+                return reply(p->s, "%s NO [UNAVAILABLE] Authentication is not available.\r\n", tag);
+        if (r < 0)
+                return reply(p->s, "%s BAD Invalid base64 data in AUTHENTICATE response.\r\n", tag);
+        r = sasl_plain_split(msg, n, authzid, authcid, password);
+        explicit_bzero(msg, sizeof(msg));
+        if (r < 0)
+                r = login_failed(p, tag, "NO", "[AUTHENTICATIONFAILED] Authentication failed.");
+        else
+                r = login_with(p, tag, authcid, authzid, password);
+        explicit_bzero(password, sizeof(password));
+        return r;
+}
+
+/* AUTHENTICATE LOGIN: the user name, then the password, each base64. */
+static int auth_login_step(Prelogin *p, const char *b64, size_t len) {
+        char buf[IPC_PASSWORD_MAX];
+        size_t n;
+        int r;
+
+        r = sasl_b64_decode(b64, len, buf, sizeof(buf), &n);
+        if (r == -ENOSYS) {
+                p->auth = AUTH_NONE;
+                return reply(p->s, "%s NO [UNAVAILABLE] Authentication is not available.\r\n", p->auth_tag);
+        }
+        if (r < 0 || memchr(buf, '\0', n)) {
+                p->auth = AUTH_NONE;
+                return reply(p->s, "%s BAD Invalid base64 data in AUTHENTICATE response.\r\n", p->auth_tag);
+        }
+        if (p->auth == AUTH_LOGIN_USER) {
+                if (n >= sizeof(p->auth_user)) {
+                        p->auth = AUTH_NONE;
+                        return login_failed(p, p->auth_tag, "NO", "[LIMIT] User name too long.");
+                }
+                memcpy(p->auth_user, buf, n + 1);
+                p->auth = AUTH_LOGIN_PASS;
+                imap_scanner_expect_raw_line(p->sc);
+                return reply(p->s, "+ UGFzc3dvcmQ6\r\n"); /* "Password:" */
+        }
+        p->auth = AUTH_NONE;
+        r = login_with(p, p->auth_tag, p->auth_user, "", buf);
+        explicit_bzero(buf, sizeof(buf));
+        return r;
+}
+
+static int do_authenticate(Prelogin *p, const char *tag, const ImapLine *l) {
+        if (l->n_args < 3 || l->n_args > 4 || l->args[2].type != IMAP_ARG_ATOM ||
+            (l->n_args == 4 && (l->args[3].type != IMAP_ARG_ATOM || l->args[3].truncated)))
+                return reply(p->s, "%s BAD Invalid arguments to AUTHENTICATE.\r\n", tag);
+        bool ir = l->n_args == 4;
+        bool plain = imap_arg_is(&l->args[2], "PLAIN"), login = imap_arg_is(&l->args[2], "LOGIN");
+
+        if (!plain && !login)
+                return reply(p->s, "%s NO [CANNOT] Unsupported authentication mechanism.\r\n", tag);
+        p->cmd_start_usec = now_usec();
+        snprintf(p->auth_tag, sizeof(p->auth_tag), "%s", tag);
+        if (plain && ir)
+                return auth_plain(p, tag, l->args[3].str, l->args[3].len);
+        if (plain) {
+                p->auth = AUTH_PLAIN_WAIT;
+                imap_scanner_expect_raw_line(p->sc);
+                return reply(p->s, "+ \r\n");
+        }
+        if (ir) { /* some clients send the user name as an initial response */
+                p->auth = AUTH_LOGIN_USER;
+                return auth_login_step(p, l->args[3].str, l->args[3].len);
+        }
+        p->auth = AUTH_LOGIN_USER;
+        imap_scanner_expect_raw_line(p->sc);
+        return reply(p->s, "+ VXNlcm5hbWU6\r\n"); /* "Username:" */
+}
+
+/* The client's answer to a continuation during AUTHENTICATE. */
+static int auth_continue(Prelogin *p, const ImapLine *l) {
+        const char *data = l->n_args > 0 ? l->args[0].str : "";
+        size_t len = l->n_args > 0 ? l->args[0].len : 0;
+        AuthStep step = p->auth;
+
+        if (l->n_args > 0 && l->args[0].truncated) {
+                p->auth = AUTH_NONE;
+                return reply(p->s, "%s BAD AUTHENTICATE response too long.\r\n", p->auth_tag);
+        }
+        if (len == 1 && data[0] == '*') {
+                p->auth = AUTH_NONE;
+                return reply(p->s, "%s BAD Authentication cancelled.\r\n", p->auth_tag);
+        }
+        if (step == AUTH_PLAIN_WAIT) {
+                p->auth = AUTH_NONE;
+                return auth_plain(p, p->auth_tag, data, len);
+        }
+        return auth_login_step(p, data, len);
+}
+
+/* ID ( "key" value ... ) | NIL: keep the client's pairs, re-serialised as
+ * quoted strings, for the broker; the proxy sets x-originating-* and
+ * x-connected-* itself. */
+static void id_remember(Session *s, const ImapLine *l) {
+        size_t o = 0;
+        char *out = s->client_id;
+        const size_t size = sizeof(s->client_id);
+
+        out[0] = '\0';
+        if (l->n_args < 4 || l->args[2].type != IMAP_ARG_LIST_START)
+                return;
+        out[o++] = '(';
+        for (size_t i = 3; i + 1 < l->n_args; i += 2) {
+                const ImapArg *k = &l->args[i], *v = &l->args[i + 1];
+                if (k->type == IMAP_ARG_LIST_END || v->type == IMAP_ARG_LIST_END)
+                        break;
+                if (k->truncated || v->truncated || k->depth != 1 || v->depth != 1 ||
+                    (k->type != IMAP_ARG_QUOTED && k->type != IMAP_ARG_ATOM && k->type != IMAP_ARG_LITERAL))
+                        continue;
+                if (strncasecmp(k->str, "x-originating-", 14) == 0 || strncasecmp(k->str, "x-connected-", 12) == 0)
+                        continue;
+                bool nil = v->type == IMAP_ARG_ATOM && imap_arg_is(v, "NIL");
+                /* worst case every byte escaped, plus quotes and spaces */
+                if (o + 2 * (k->len + v->len) + 8 >= size - 1)
+                        break;
+                const ImapArg *parts[2] = { k, v };
+                for (int j = 0; j < 2; j++) {
+                        const ImapArg *a = parts[j];
+                        if (o > 1)
+                                out[o++] = ' ';
+                        if (j == 1 && nil) {
+                                memcpy(out + o, "NIL", 3);
+                                o += 3;
+                                continue;
+                        }
+                        out[o++] = '"';
+                        for (size_t c = 0; c < a->len; c++) {
+                                char ch = a->str[c];
+                                if (ch == '\r' || ch == '\n' || ch == '\0')
+                                        ch = ' ';
+                                if (ch == '"' || ch == '\\')
+                                        out[o++] = '\\';
+                                out[o++] = ch;
+                        }
+                        out[o++] = '"';
+                }
+        }
+        out[o++] = ')';
+        out[o] = '\0';
+}
+
+/* Returns 1 logged in, 0 continue, -ECONNRESET to end the connection, <0 error. */
+static int handle_line(Prelogin *p, const ImapLine *l) {
+        Session *s = p->s;
         char caps[IPC_CAPS_MAX];
         char tag[TAG_MAX + 1];
 
+        if (p->auth != AUTH_NONE)
+                return auth_continue(p, l);
         if (l->n_args == 0)
                 return 0; /* an empty line is not a command: ignore it, as servers do */
         if (!tag_valid(&l->args[0]))
@@ -104,8 +310,14 @@ static int handle_line(Session *s, ImapScanner *sc, const ImapLine *l) {
         const ImapArg *cmd = &l->args[1];
 
         if (imap_arg_is(cmd, "LOGIN")) {
-                int r = do_login(s, tag, l);
-                imap_scanner_wipe(sc);
+                p->cmd_start_usec = now_usec();
+                int r = do_login(p, tag, l);
+                imap_scanner_wipe(p->sc);
+                return r;
+        }
+        if (imap_arg_is(cmd, "AUTHENTICATE")) {
+                int r = do_authenticate(p, tag, l);
+                imap_scanner_wipe(p->sc);
                 return r;
         }
         if (imap_arg_is(cmd, "CAPABILITY")) {
@@ -114,14 +326,15 @@ static int handle_line(Session *s, ImapScanner *sc, const ImapLine *l) {
         }
         if (imap_arg_is(cmd, "NOOP"))
                 return reply(s, "%s OK NOOP completed.\r\n", tag);
-        if (imap_arg_is(cmd, "ID"))
+        if (imap_arg_is(cmd, "ID")) {
+                if (s->cfg.forward_client_id)
+                        id_remember(s, l);
                 return reply(s, "* ID NIL\r\n%s OK ID completed.\r\n", tag);
+        }
         if (imap_arg_is(cmd, "LOGOUT")) {
                 (void) reply(s, "* BYE Logging out\r\n%s OK Logout completed.\r\n", tag);
                 return -ECONNRESET;
         }
-        if (imap_arg_is(cmd, "AUTHENTICATE"))
-                return reply(s, "%s NO [CANNOT] Unsupported authentication mechanism.\r\n", tag);
         if (imap_arg_is(cmd, "STARTTLS"))
                 return reply(s, "%s BAD STARTTLS is not available.\r\n", tag);
         return reply(s, "%s BAD Please log in first.\r\n", tag);
@@ -141,8 +354,9 @@ int prelogin_run(Session *s) {
                 .max_literal = IPC_PASSWORD_MAX,
                 .max_depth = 3,
                 .capture_size = s->cfg.max_prelogin_line + IPC_PASSWORD_MAX + IPC_USER_MAX,
-                .max_args = 64,
+                .max_args = 1024, /* a 30 KB ID */
         };
+        Prelogin pl = { .s = s };
         ImapScanner *sc = NULL;
         uint8_t buf[READ_CHUNK];
         int r;
@@ -150,6 +364,7 @@ int prelogin_run(Session *s) {
         r = imap_scanner_new(IMAP_SCAN_CLIENT, &lim, &sc);
         if (r < 0)
                 return r;
+        pl.sc = sc;
 
         for (;;) {
                 struct pollfd p = { .fd = s->client_in, .events = POLLIN };
@@ -196,7 +411,7 @@ int prelogin_run(Session *s) {
                                 if (!(flags & IMAP_LITERAL_NONSYNC))
                                         r = reply(s, "+ Ready for literal data\r\n");
                         } else if (ev == IMAP_SCAN_LINE)
-                                r = handle_line(s, sc, imap_scanner_line(sc));
+                                r = handle_line(&pl, imap_scanner_line(sc));
                 }
                 if (r == 1) {
                         /* Logged in: what the client sent after LOGIN is the relay's. */

@@ -37,7 +37,7 @@
 #include "log.h"
 #include "session.h"
 
-#define RELAY_CHUNK 65536
+#define RELAY_CHUNK (256 * 1024)
 #define TAG_TRACK_MAX 64
 #define PIPELINE_MAX 128
 #define PROXY_TAG "IMAPPROXY-RESET"
@@ -95,7 +95,7 @@ typedef struct Relay {
         char *logout_tag;
         const char *bye_text;
 
-        uint64_t last_client_usec, phase_deadline_usec;
+        uint64_t last_client_usec, last_backend_usec, phase_deadline_usec;
         PendingCmd pend[PIPELINE_MAX];
         unsigned n_pend;
 } Relay;
@@ -495,6 +495,7 @@ static void backend_read(Relay *r) {
                 return;
         }
         r->slen = (size_t) n;
+        r->last_backend_usec = now_usec();
         server_scan(r);
 }
 
@@ -511,6 +512,7 @@ static void backend_flush(Relay *r) {
                         return;
                 }
                 r->csent += (size_t) n;
+                r->last_backend_usec = now_usec();
         }
         /* All forwarded: keep only the held partial segment. */
         if (r->csent == r->cready && r->csent > 0) {
@@ -588,7 +590,7 @@ int relay_run(Session *s) {
         (void) fd_set_nonblock(s->client_in, true);
         (void) fd_set_nonblock(s->client_out, true);
         (void) fd_set_nonblock(s->backend_fd, true);
-        r->last_client_usec = now_usec();
+        r->last_client_usec = r->last_backend_usec = now_usec();
 
         if (s->pending_len > 0) {
                 size_t l = MIN(s->pending_len, r->ccap);
@@ -627,11 +629,14 @@ int relay_run(Session *s) {
                 if (r->phase != RELAY_ACTIVE && !r->client_alive && !(p[1].events))
                         break;
 
-                uint64_t now = now_usec(), deadline;
+                uint64_t now = now_usec(), deadline, backend_deadline = UINT64_MAX;
+                if (r->n_pend > 0 && !pend_has_idle(r))
+                        backend_deadline = r->last_backend_usec + (uint64_t) s->cfg.backend_response_timeout * 1000000ULL;
                 if (r->phase == RELAY_ACTIVE)
                         deadline = r->last_client_usec + (uint64_t) s->cfg.client_idle_timeout * 1000000ULL;
                 else
                         deadline = r->phase_deadline_usec;
+                deadline = MIN(deadline, backend_deadline);
                 int timeout = deadline > now ? (int) MIN((deadline - now + 999) / 1000, (uint64_t) 3600000) : 0;
 
                 int n = poll(p, 2, timeout);
@@ -642,6 +647,11 @@ int relay_run(Session *s) {
                         break;
                 }
                 if (n == 0) {
+                        if (now_usec() >= backend_deadline) {
+                                relay_taint(r, "backend did not answer in time");
+                                r->bye_text = "Server not responding.";
+                                break;
+                        }
                         if (r->phase == RELAY_ACTIVE) {
                                 r->bye_text = "Disconnected for inactivity.";
                                 client_gone(r, "idle timeout");

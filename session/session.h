@@ -32,6 +32,9 @@ typedef struct Session {
         bool prelogin_caps_known;
         char postlogin_caps[IPC_CAPS_MAX];
         char user[IPC_USER_MAX];          /* logged-in user, for logs */
+        char client_id[IPC_ID_MAX];       /* the client's ID parameters for the backend, or "" */
+        char local_addr[IPC_ADDR_MAX];
+        unsigned local_port;
 
         /* bytes read from the client before login that belong to the relay */
         uint8_t *pending;
@@ -44,8 +47,13 @@ bool caps_contains(const char *caps, const char *word);
 
 /* broker.c */
 int broker_hello(Session *s);
-int broker_checkout(Session *s, const char *user, const char *password, struct ipc_checkout_fail *ret_fail);
+int broker_checkout(Session *s, const char *user, const char *authzid, const char *password,
+                    struct ipc_checkout_fail *ret_fail);
 int broker_checkin(Session *s, bool clean);
+
+/* sasl.c: base64 via GnuTLS loaded on demand; SASL PLAIN message split */
+int sasl_b64_decode(const char *in, size_t inlen, char *out, size_t outsize, size_t *ret_len);
+int sasl_plain_split(const char *msg, size_t len, char *authzid, char *authcid, char *password);
 
 /* prelogin.c: returns 1 when logged in (backend_fd set), 0 when the client
  * logged out or went away, <0 on error. */

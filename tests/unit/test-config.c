@@ -157,8 +157,12 @@ Test(config, defaults) {
         cr_expect_eq(c->backend_timeout, 30);
         cr_expect_eq(c->client_prelogin_timeout, 60);
         cr_expect_eq(c->client_idle_timeout, 1800);
-        cr_expect_eq(c->max_prelogin_line, 8192);
-        cr_expect_eq(c->max_command_line, 65536);
+        cr_expect_eq(c->max_prelogin_line, 40960);
+        cr_expect_eq(c->max_command_line, 262144);
+        cr_expect_eq(c->login_max_failures, 3);
+        cr_expect_eq(c->login_failure_delay, 2000);
+        cr_expect(!c->forward_client_id);
+        cr_expect_eq(c->max_idle_per_user, 8);
         cr_expect_eq(c->max_literal_size, UINT64_C(1) << 30);
 }
 
@@ -763,8 +767,9 @@ Test(config, secrets_never_echoed) {
 }
 
 Test(config, secrets_in_warnings_and_dump) {
-        cr_expect_eq(load("auth_shared_secret hunter2\nauth_sasl_plain_password hunter3\n"), 0);
-        cr_expect_eq(L.w.n, 2);
+        /* proxy authentication is applied: no warnings, and never the values */
+        cr_expect_eq(load("auth_shared_secret hunter2\nauth_sasl_plain_password hunter3\nlisten_port 1\n"), 0);
+        cr_expect_eq(L.w.n, 1);
         for (unsigned j = 0; j < L.w.n; j++)
                 cr_expect_null(strstr(L.w.msg[j], "hunter"), "%s", L.w.msg[j]);
 
@@ -793,7 +798,6 @@ Test(config, warnings_for_keys_not_applied) {
                 { "connect_delay 5", "t.conf:1: connect_delay: ignored: the broker connects per login" },
                 { "enable_select_cache yes", "t.conf:1: enable_select_cache: ignored: SELECT always goes to the server" },
                 { "enable_admin_commands on", "t.conf:1: enable_admin_commands: not yet supported" },
-                { "preauth_command ID (\"GUID\" \"1\")", "t.conf:1: preauth_command: not yet supported" },
                 { "tls_ca_file /x", "t.conf:1: tls_ca_file: not yet supported" },
                 { "tls_ca_path /x", "t.conf:1: tls_ca_path: not yet supported" },
                 { "tls_cert_file /x", "t.conf:1: tls_cert_file: not yet supported" },
@@ -803,9 +807,6 @@ Test(config, warnings_for_keys_not_applied) {
                 { "tls_no_tlsv1 no", "t.conf:1: tls_no_tlsv1: not yet supported" },
                 { "tls_no_tlsv1.1 no", "t.conf:1: tls_no_tlsv1.1: not yet supported" },
                 { "tls_no_tlsv1.2 no", "t.conf:1: tls_no_tlsv1.2: not yet supported" },
-                { "auth_sasl_plain_username u", "t.conf:1: auth_sasl_plain_username: not yet supported" },
-                { "auth_sasl_plain_password p", "t.conf:1: auth_sasl_plain_password: not yet supported" },
-                { "auth_shared_secret s", "t.conf:1: auth_shared_secret: not yet supported" },
         };
 
         for (size_t i = 0; i < sizeof(t) / sizeof(t[0]); i++) {
@@ -825,6 +826,19 @@ Test(config, warnings_once_per_occurrence_with_line) {
         /* no callback: still parses */
         cr_expect_eq(config_load_buffer(&L.c, "x", "listen_port 1\n", 14, NULL, NULL, NULL, 0), 0);
         cr_expect_str_eq(L.c.listen_port, "1");
+}
+
+Test(config, applied_keys_give_no_warning) {
+        cr_expect_eq(load("preauth_command ID (\"GUID\" \"1\")\nauth_sasl_plain_username u\n"
+                          "auth_sasl_plain_password p\nauth_shared_secret s\nforward_client_id yes\n"
+                          "login_max_failures 5\nlogin_failure_delay 0\nmax_idle_per_user 2\n"), 0, "%s", L.err);
+        cr_expect_eq(L.w.n, 0);
+        cr_expect(L.c.forward_client_id);
+        cr_expect_eq(L.c.login_max_failures, 5);
+        cr_expect_eq(L.c.login_failure_delay, 0);
+        cr_expect_eq(L.c.max_idle_per_user, 2);
+        cr_expect_eq(load("login_max_failures 0\n"), -EINVAL);
+        cr_expect(strstr(L.err, "t.conf:1: login_max_failures: invalid value '0'"), "%s", L.err);
 }
 
 Test(config, no_warnings_for_applied_keys_or_neutral_values) {
@@ -875,8 +889,9 @@ Test(config, dump_lists_every_key) {
                 "tls_ciphers", "tls_no_tlsv1", "tls_no_tlsv1.1", "tls_no_tlsv1.2",
                 "auth_sasl_plain_username", "auth_sasl_plain_password", "auth_shared_secret", "dns_rr",
                 "ipversion_only", "broker_socket", "broker_socket_group", "backend_timeout",
-                "client_prelogin_timeout", "client_idle_timeout", "max_prelogin_line",
-                "max_command_line", "max_literal_size",
+                "client_prelogin_timeout", "client_idle_timeout", "backend_response_timeout", "max_prelogin_line",
+                "max_command_line", "max_literal_size", "login_max_failures", "login_failure_delay",
+                "forward_client_id", "max_idle_per_user",
         };
         char *d = dump_to_string(&L.c), *nl;
         size_t lines = 0;
