@@ -147,8 +147,6 @@ static int auth_plain(Prelogin *p, const char *tag, const char *b64, size_t len)
         int r;
 
         r = sasl_b64_decode(b64, len, msg, sizeof(msg), &n);
-        if (r == -ENOSYS)
-                return reply(p->s, "%s NO [UNAVAILABLE] Authentication is not available.\r\n", tag);
         if (r < 0)
                 return reply(p->s, "%s BAD Invalid base64 data in AUTHENTICATE response.\r\n", tag);
         r = sasl_plain_split(msg, n, authzid, authcid, password);
@@ -168,10 +166,6 @@ static int auth_login_step(Prelogin *p, const char *b64, size_t len) {
         int r;
 
         r = sasl_b64_decode(b64, len, buf, sizeof(buf), &n);
-        if (r == -ENOSYS) {
-                p->auth = AUTH_NONE;
-                return reply(p->s, "%s NO [UNAVAILABLE] Authentication is not available.\r\n", p->auth_tag);
-        }
         if (r < 0 || memchr(buf, '\0', n)) {
                 p->auth = AUTH_NONE;
                 return reply(p->s, "%s BAD Invalid base64 data in AUTHENTICATE response.\r\n", p->auth_tag);
