@@ -3,7 +3,8 @@
 #   make                 build broker/imapproxy-broker and session/imapproxy-session
 #   make check           install test dependencies (as root), run every test
 #   make install DESTDIR=... prefix=... unitdir=...
-#   make SAN=1 ...       build with AddressSanitizer + UBSan
+#   make SAN=1 ...       build with AddressSanitizer + UBSan (the session then uses glibc)
+#   make MUSL=0          link the session against glibc (dynamic) even if musl-gcc is there
 #   make fuzz            libFuzzer targets (clang)
 
 PKG_CONFIG ?= pkg-config
@@ -50,6 +51,42 @@ FUZZ_BIN      := $(patsubst tests/fuzz/fuzz-%.c,tests/fuzz/libfuzzer-%,$(FUZZ_SR
 
 BINARIES := broker/imapproxy-broker session/imapproxy-session
 
+# The session is exec'd once per client connection, so its start-up is paid on
+# every connection: by default it is a static PIE linked against musl
+# (musl-tools). glibc's dynamic loader costs ~0.55 ms per exec on a VM, mostly
+# CPUID cache probing that static glibc runs too (bench/README.md, "Where the
+# time goes"). The session's objects and the common ones it links are compiled
+# by musl-gcc into build/musl/, apart from the glibc objects of the same
+# sources. glibc instead: with SAN=1 (the sanitizers need glibc), with MUSL=0,
+# or when musl-gcc is missing. The broker, tests and fuzz targets are glibc.
+MUSL_CC   ?= musl-gcc
+MUSL      ?= 1
+MUSL_DIR  := build/musl
+ifeq ($(SAN),1)
+SESSION_LIBC := glibc
+else ifeq ($(MUSL),0)
+SESSION_LIBC := glibc
+else ifneq ($(shell command -v $(MUSL_CC) 2>/dev/null),)
+SESSION_LIBC := musl
+else
+SESSION_LIBC := glibc
+SESSION_NOTE := $(MUSL_CC) not found (apt-get install musl-tools): session/imapproxy-session is linked against glibc, dynamically
+endif
+MUSL_COMMON_OBJ  := $(patsubst %.c,$(MUSL_DIR)/%.o,$(COMMON_SRC))
+MUSL_SESSION_OBJ := $(patsubst %.c,$(MUSL_DIR)/%.o,$(SESSION_SRC))
+# Static PIE: ASLR for the image too; it starts as fast as -static (within
+# noise). musl-gcc's specs know no -static-pie and always link Scrt1.o, so the
+# link is musl-gcc's own with Scrt1.o swapped for musl's self-relocating
+# rcrt1.o. Plain -static when this musl has no rcrt1.o. MUSL_CRTDIR (musl's
+# Scrt1.o directory, from the driver's -### output) is computed once, and
+# only when the session is linked. With -static, gcc ignores LDFLAGS' -pie.
+MUSL_CRTDIR = $(eval MUSL_CRTDIR := $(patsubst %/Scrt1.o,%,$(filter %/Scrt1.o,$(subst ",,$(shell \
+                $(MUSL_CC) -\#\#\# -o /dev/null /dev/null 2>&1)))))$(MUSL_CRTDIR)
+MUSL_RCRT1  = $(wildcard $(MUSL_CRTDIR)/rcrt1.o)
+MUSL_PIE_START = -nostartfiles -Wl,-pie,--no-dynamic-linker,-z,text \
+                 $(MUSL_RCRT1) $(MUSL_CRTDIR)/crti.o $(shell $(MUSL_CC) -print-file-name=crtbeginS.o)
+MUSL_PIE_END   = $(shell $(MUSL_CC) -print-file-name=crtendS.o) $(MUSL_CRTDIR)/crtn.o
+
 all: $(BINARIES)
 
 common/libcommon.a: $(COMMON_OBJ)
@@ -62,8 +99,26 @@ broker/imapproxy-broker: $(BROKER_OBJ) common/libcommon.a
 
 # The session is exec'd once per client connection: it links libc only
 # (design.md section 3: every shared library costs milliseconds at exec).
-session/imapproxy-session: $(SESSION_OBJ) common/libcommon.a
+# build/session-libc names the libc it was linked with: switching relinks it.
+ifeq ($(SESSION_LIBC),musl)
+session/imapproxy-session: $(MUSL_SESSION_OBJ) $(MUSL_DIR)/common/libcommon.a build/session-libc
+	$(MUSL_CC) $(CFLAGS) $(LDFLAGS) -static $(if $(MUSL_RCRT1),$(MUSL_PIE_START)) -o $@ \
+		$(MUSL_SESSION_OBJ) $(MUSL_DIR)/common/libcommon.a $(if $(MUSL_RCRT1),$(MUSL_PIE_END))
+else
+session/imapproxy-session: $(SESSION_OBJ) common/libcommon.a build/session-libc
+	$(if $(SESSION_NOTE),@echo '$(SESSION_NOTE)')
 	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $(SESSION_OBJ) common/libcommon.a
+endif
+
+build/session-libc: FORCE
+	@mkdir -p $(@D); echo '$(SESSION_LIBC) $(SAN)' | cmp -s - $@ || echo '$(SESSION_LIBC) $(SAN)' > $@
+
+$(MUSL_DIR)/%.o: %.c
+	@mkdir -p $(@D)
+	$(MUSL_CC) $(CPPFLAGS) $(CFLAGS) -c -o $@ $<
+
+$(MUSL_DIR)/common/libcommon.a: $(MUSL_COMMON_OBJ)
+	$(AR) rcs $@ $^
 
 tests/unit/test-%: tests/unit/test-%.c common/libcommon.a
 	$(CC) $(CPPFLAGS) $(CFLAGS) $(BROKER_CFLAGS) $(LDFLAGS) -o $@ $< common/libcommon.a -lcriterion $(BROKER_LIBS)
@@ -76,7 +131,11 @@ FUZZ_CC      ?= clang
 FUZZ_FLAGS   := -g -O1 -fsanitize=fuzzer,address,undefined -std=gnu17 -D_GNU_SOURCE -Icommon
 FUZZ_SECONDS ?= 60
 tests/fuzz/libfuzzer-%: tests/fuzz/fuzz-%.c $(COMMON_SRC)
-	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $< $(COMMON_SRC)
+	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $< $(COMMON_SRC) $(FUZZ_LIBS)
+
+# fuzz-base64 also checks common/base64.c against GnuTLS's decoder.
+tests/fuzz/libfuzzer-base64: FUZZ_FLAGS += -DFUZZ_WITH_GNUTLS $(shell $(PKG_CONFIG) --cflags gnutls)
+tests/fuzz/libfuzzer-base64: FUZZ_LIBS = $(shell $(PKG_CONFIG) --libs gnutls)
 
 fuzz: $(FUZZ_BIN)
 	@for f in $(FUZZ_BIN); do \
@@ -132,7 +191,9 @@ bench:
 clean:
 	rm -f $(BINARIES) common/libcommon.a */*.o */*.d tests/*/*.o tests/*/*.d \
 	      $(UNIT_TESTS) $(FUZZ_REPLAY) $(FUZZ_BIN) $(BENCH_BIN)
+	rm -rf build
 
-.PHONY: all check tests-build install clean fuzz
+FORCE:
+.PHONY: all check tests-build install clean fuzz FORCE
 .SECONDARY:
--include $(wildcard */*.d tests/*/*.d)
+-include $(wildcard */*.d tests/*/*.d $(MUSL_DIR)/*/*.d)

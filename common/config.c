@@ -668,7 +668,7 @@ int config_load_buffer(Config *c, const char *name, const char *buf, size_t len,
 }
 
 static int file_fail(const char *path, int r, char *err, size_t errsize, const char *what) {
-        const char *desc = what ?: strerrordesc_np(-r);
+        const char *desc = what ?: strerror(-r);
 
         if (err && errsize > 0)
                 (void) snprintf(err, errsize, "%s: %s", path, desc ?: "Unknown error");
