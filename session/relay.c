@@ -38,6 +38,7 @@
 #include "session.h"
 
 #define RELAY_CHUNK (256 * 1024)
+#define RELAY_SLACK 4096 /* room for capability lines that grow when filtered */
 #define TAG_TRACK_MAX 64
 #define PIPELINE_MAX 128
 #define PROXY_TAG "IMAPPROXY-RESET"
@@ -76,8 +77,10 @@ typedef struct Relay {
 
         uint8_t *cbuf;                 /* client -> backend */
         size_t ccap, clen, cscan, cready, csent;
-        uint8_t *sbuf;                 /* backend -> client */
+        uint8_t *sbuf;                 /* backend -> client, RELAY_CHUNK + RELAY_SLACK */
         size_t slen, sscan, sfwd, ssent;
+        size_t sline_start;            /* where the current backend line began in sbuf, or SIZE_MAX */
+        char local_reply[TAG_TRACK_MAX + 128]; /* our answer to a client command, sent at a line boundary */
 
         bool client_reading, client_alive, backend_open;
         bool server_scan_ok;
@@ -207,20 +210,12 @@ static void start_drain(Relay *r) {
 static void client_gone(Relay *r, const char *why) {
         bool boundary = imap_scanner_at_line_start(r->csc) && r->cready == r->clen && !r->literal_wait;
         log_debug("client of %s: %s (%s)", r->s->user, why, boundary ? "at a command boundary" : "mid-command");
-        if (r->idle_active && boundary && r->expect_raw) {
-                /* End the IDLE for it: the backend answers the IDLE's tag. */
-                static const char done[] = "DONE\r\n";
-                if (r->clen + sizeof(done) - 1 <= r->ccap) {
-                        memcpy(r->cbuf + r->clen, done, sizeof(done) - 1);
-                        r->clen += sizeof(done) - 1;
-                        r->cscan = r->cready = r->clen;
-                        r->idle_active = r->expect_raw = false;
-                }
-        }
-        if (!boundary || r->expect_raw)
+        if (!boundary || r->expect_raw || r->idle_active)
                 relay_taint(r, "client left in the middle of a command");
         r->client_reading = false;
         start_drain(r);
+        if (r->tainted)
+                relay_enter_phase(r, RELAY_DONE); /* nothing to save by draining */
 }
 
 static void client_refuse(Relay *r, const char *text) {
@@ -307,6 +302,18 @@ static void client_scan(Relay *r) {
                         r->clen = r->cscan = r->cready; /* LOGOUT is ours: never forwarded */
                         start_drain(r);
                         return;
+                } else if (!r->cmd_classified && l->n_args >= 2 && tag_trackable(&l->args[0]) &&
+                           imap_arg_is(&l->args[1], "COMPRESS")) {
+                        /* Not advertised, and the relay cannot follow a compressed
+                         * stream: answer it ourselves, never forward it. */
+                        snprintf(r->local_reply, sizeof(r->local_reply),
+                                 "%.*s NO [CANNOT] COMPRESS is not available through this proxy.\r\n",
+                                 (int) l->args[0].len, l->args[0].str);
+                        memmove(r->cbuf + r->cready, r->cbuf + r->cscan, r->clen - r->cscan);
+                        r->clen -= r->cscan - r->cready;
+                        r->cscan = r->cready;
+                        r->cmd_classified = r->cmd_forwarded_part = false;
+                        continue;
                 } else if (!r->cmd_classified)
                         client_classify(r, l);
                 r->cready = r->cscan;
@@ -383,6 +390,62 @@ static void server_line(Relay *r, const ImapLine *l) {
         }
 }
 
+/* Replace sbuf[start, end) (one whole line) with repl. */
+static bool sbuf_replace(Relay *r, size_t start, size_t end, const char *repl, size_t rl) {
+        size_t old = end - start;
+        if (r->slen - old + rl > RELAY_CHUNK + RELAY_SLACK)
+                return false;
+        memmove(r->sbuf + start + rl, r->sbuf + end, r->slen - end);
+        memcpy(r->sbuf + start, repl, rl);
+        r->slen = r->slen - old + rl;
+        r->sscan = r->sscan - old + rl;
+        return true;
+}
+
+/* The backend's capability list as the client may see it: "* CAPABILITY ..."
+ * and "... OK [CAPABILITY ...] ..." lines are rewritten through
+ * caps_filter(), so that, e.g., COMPRESS=DEFLATE is never offered. */
+static void filter_capability_line(Relay *r, const ImapLine *l) {
+        if (l->n_args < 2 || r->sline_start == SIZE_MAX || r->sline_start > r->sscan ||
+            r->sline_start != r->sfwd) /* part of it already went to the client */
+                return;
+        const char *line = (const char *) r->sbuf + r->sline_start;
+        size_t len = r->sscan - r->sline_start, caps_at, caps_end;
+        bool untagged = l->args[0].len == 1 && l->args[0].str[0] == '*';
+        char caps[IPC_CAPS_MAX], filtered[IPC_CAPS_MAX], out[IPC_CAPS_MAX + 512];
+
+        if (untagged && imap_arg_is(&l->args[1], "CAPABILITY")) {
+                const char *p = memmem(line, len, "CAPABILITY", 10);
+                if (!p)
+                        return;
+                caps_at = (size_t) (p - line) + 10;
+                caps_end = len;
+                while (caps_end > caps_at && (line[caps_end - 1] == '\n' || line[caps_end - 1] == '\r'))
+                        caps_end--;
+        } else if (l->n_args >= 3 && l->args[2].type == IMAP_ARG_CODE &&
+                   strncasecmp(l->args[2].str, "CAPABILITY", 10) == 0) {
+                const char *p = memmem(line, len, "[", 1);
+                const char *q = p ? memchr(p, ']', len - (size_t) (p - line)) : NULL;
+                if (!p || !q || (size_t) (q - p) < 11)
+                        return;
+                caps_at = (size_t) (p - line) + 11;
+                caps_end = (size_t) (q - line);
+        } else
+                return;
+
+        size_t cl = caps_end > caps_at ? caps_end - caps_at : 0;
+        if (cl >= sizeof(caps))
+                return;
+        memcpy(caps, line + caps_at, cl);
+        caps[cl] = '\0';
+        caps_filter(caps, false, filtered, sizeof(filtered));
+        int n = snprintf(out, sizeof(out), "%.*s %s%.*s", (int) (caps_at - (caps_at > 0 && line[caps_at - 1] == ' ')),
+                         line, filtered, (int) (len - caps_end), line + caps_end);
+        if (n < 0 || (size_t) n >= sizeof(out))
+                return;
+        (void) sbuf_replace(r, r->sline_start, r->sscan, out, (size_t) n);
+}
+
 /* Scan sbuf[sscan..slen); bytes scanned while forwarding to the client
  * extend sfwd; in RESET they are swallowed. */
 static void server_scan(Relay *r) {
@@ -398,7 +461,10 @@ static void server_scan(Relay *r) {
                         } else if (ev == IMAP_SCAN_LINE) {
                                 r->sscan += used;
                                 if (forward)
+                                        filter_capability_line(r, imap_scanner_line(r->ssc));
+                                if (forward)
                                         r->sfwd = r->sscan;
+                                r->sline_start = r->sscan;
                                 server_line(r, imap_scanner_line(r->ssc));
                                 if (r->phase == RELAY_DRAIN && r->n_pend == 0)
                                         start_reset_or_finish(r);
@@ -495,6 +561,7 @@ static void backend_read(Relay *r) {
                 return;
         }
         r->slen = (size_t) n;
+        r->sline_start = imap_scanner_at_line_start(r->ssc) ? 0 : SIZE_MAX;
         r->last_backend_usec = now_usec();
         server_scan(r);
 }
@@ -580,7 +647,7 @@ int relay_run(Session *s) {
 
         r->ccap = s->cfg.max_command_line + RELAY_CHUNK + 64;
         r->cbuf = malloc(r->ccap);
-        r->sbuf = malloc(RELAY_CHUNK);
+        r->sbuf = malloc(RELAY_CHUNK + RELAY_SLACK);
         if (!r->cbuf || !r->sbuf || imap_scanner_new(IMAP_SCAN_CLIENT, &clim, &r->csc) < 0 ||
             imap_scanner_new(IMAP_SCAN_SERVER, &slim, &r->ssc) < 0) {
                 ret = -ENOMEM;
@@ -600,8 +667,23 @@ int relay_run(Session *s) {
         }
 
         while (r->phase != RELAY_DONE) {
-                if (!r->client_alive)
+                if (!r->client_alive) {
                         r->ssent = r->sfwd; /* nobody to read it */
+                        r->local_reply[0] = '\0';
+                }
+                if (r->phase == RELAY_DRAIN && r->n_pend == 0)
+                        start_reset_or_finish(r);
+                if (r->phase == RELAY_DONE)
+                        break;
+                if (r->local_reply[0] && r->ssent == r->sfwd && r->sscan == r->slen &&
+                    imap_scanner_at_line_start(r->ssc)) {
+                        /* our own answer goes between two backend lines */
+                        (void) fd_set_nonblock(s->client_out, false);
+                        if (client_write(s, r->local_reply, strlen(r->local_reply)) < 0)
+                                r->client_alive = false;
+                        (void) fd_set_nonblock(s->client_out, true);
+                        r->local_reply[0] = '\0';
+                }
                 struct pollfd p[2] = {
                         { .fd = s->client_in, .events = 0 },
                         { .fd = s->backend_fd, .events = 0 },

@@ -253,9 +253,12 @@ class Dovecot:
             os.makedirs(os.path.join(self.dir, sub), exist_ok=True)
         os.chmod(os.path.join(self.dir, 'home'), 0o755)
         passwd = os.path.join(self.dir, 'passwd')
-        with open(passwd, 'w') as f:
+        with open(passwd, 'w', encoding='utf-8') as f:
             for u, p in self.users.items():
-                f.write('%s:{PLAIN}%s::::::\n' % (u, p))
+                # Dovecot's passwd-file looks names up with " and \ escaped by a
+                # backslash (user names with them need `auth_username_chars =`).
+                f.write('%s:{PLAIN}%s::::::\n' % (
+                    u.replace('\\', '\\\\').replace('"', '\\"'), p))
         os.chmod(passwd, 0o644)  # test passwords only; read by the auth process
         for u in self.users:
             self._make_maildir(u)
@@ -349,9 +352,10 @@ service stats {{
                     'Message-ID: <imapfixture-{i}-{u}@example.org>\r\n'
                     '\r\n'
                     'Hello {u}, this is message number {i}.\r\n').format(u=user, i=i % 60)
+            body = body.encode('utf-8')  # S= is the size in bytes (UTF-8 user names)
             name = '%d.M%dP%d.imapfixture,S=%d:2,' % (now, i, os.getpid(), len(body))
             path = os.path.join(md, 'cur', name)
-            with open(path, 'w', newline='') as f:
+            with open(path, 'wb') as f:
                 f.write(body)
             self._chown(path)
 
@@ -488,7 +492,6 @@ class Proxy:
             'broker_socket': self.broker_socket,
             'backend_timeout': 10,
             'client_prelogin_timeout': 30,
-            'max_prelogin_line': 8192,
         }
         self.settings.update(conf)
         self.write_conf()
@@ -649,9 +652,11 @@ def imap_login(port, user, password, timeout=10.0):
 class RawClient:
     """Byte-level IMAP client. Every read has a timeout; nothing can hang."""
 
-    def __init__(self, port, host='127.0.0.1', timeout=5.0, greeting=True):
+    def __init__(self, port, host='127.0.0.1', timeout=5.0, greeting=True, source=None):
         self.timeout = timeout
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+        # source: local address to connect from (e.g. '127.0.0.2'), any port
+        self.sock = socket.create_connection((host, port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
         self.buf = b''
         self.eof = False
         self.transcript = []  # ('C'|'S', bytes)
