@@ -122,7 +122,10 @@ static int peer_lend(Peer *p, Conn *c, bool reused) {
         if (reused)
                 b->stats.reuses_total++;
         peer_enter_state(p, PEER_LEASED);
-        log_info("login %s: %s (session %d)", c->user, reused ? "cache hit" : "new backend connection", (int) p->pid);
+        /* One line per login would be the busiest log of a webmail host: hits
+         * are counted (STATUS=) and logged at debug level; misses at info. */
+        log_full(reused ? LOG_DEBUG : LOG_INFO, "login %s: %s (session %d)", c->user,
+                 reused ? "cache hit" : "new backend connection", (int) p->pid);
         broker_update_status(b);
         return 0;
 }

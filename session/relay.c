@@ -509,6 +509,11 @@ static void start_reset_or_finish(Relay *r) {
 
 /* ---- I/O ---- */
 
+static void client_flush(Relay *r);
+static void backend_flush(Relay *r);
+
+/* After a read, write at once: poll for POLLOUT only when a write would
+ * block (saves a poll round per command on the hot path). */
 static void client_read(Relay *r) {
         size_t space = r->ccap - r->clen;
         if (space == 0)
@@ -524,6 +529,8 @@ static void client_read(Relay *r) {
         r->clen += (size_t) n;
         r->last_client_usec = now_usec();
         client_scan(r);
+        if (r->backend_open && r->csent < r->cready)
+                backend_flush(r);
 }
 
 static void client_flush(Relay *r) {
@@ -564,6 +571,8 @@ static void backend_read(Relay *r) {
         r->sline_start = imap_scanner_at_line_start(r->ssc) ? 0 : SIZE_MAX;
         r->last_backend_usec = now_usec();
         server_scan(r);
+        if (r->client_alive && r->ssent < r->sfwd && r->s->client_in == r->s->client_out)
+                client_flush(r);
 }
 
 static void backend_flush(Relay *r) {
