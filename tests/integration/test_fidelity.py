@@ -28,6 +28,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -1379,6 +1380,59 @@ class Timeouts(FidelityTest):
                          % r.dump())
         self.logout_raw(r)
         self.assertEqual(self.dc.logins('alice'), 1)
+
+
+    def _imap_children(self):
+        """PIDs of this Dovecot's imap (post-login) processes."""
+        master = self.dc.proc.pid
+        out = []
+        for d in os.listdir('/proc'):
+            if not d.isdigit():
+                continue
+            try:
+                with open('/proc/%s/stat' % d) as f:
+                    st = f.read()
+                with open('/proc/%s/cmdline' % d, 'rb') as f:
+                    cmd = f.read()
+            except OSError:
+                continue
+            ppid = int(st[st.rindex(')') + 2:].split()[1])
+            if ppid == master and cmd.split(b'\0')[0].endswith(b'/imap'):
+                out.append(int(d))
+        return out
+
+    def test_k3_backend_response_timeout(self):
+        # A real backend that stops answering mid-command: its imap process is
+        # frozen with SIGSTOP. The session must give up after
+        # backend_response_timeout, tell the client, and not pool the connection.
+        self.start_proxy(backend_response_timeout=2)
+        r = self.raw()
+        self.login_ok(r)
+        _, tagged = r.command('t1', 'SELECT INBOX')
+        self.assertRegex(tagged, rb'^t1 OK', r.dump())
+        pids = self._imap_children()
+        self.assertEqual(len(pids), 1, 'expected one imap process for the pooled user, got %r' % pids)
+        os.kill(pids[0], signal.SIGSTOP)
+        try:
+            r.send(b't2 NOOP\r\n')
+            t0 = time.monotonic()
+            try:
+                rest = r.read_until_close(timeout=10)
+            except socket.timeout:
+                self.fail('backend_response_timeout 2: the client was not answered within 10 s; got %r'
+                          % r.buf)
+            dt = time.monotonic() - t0
+            self.assertGreaterEqual(dt, 1.5, 'gave up too early: %r' % rest)
+            self.assertLess(dt, 8, 'gave up too late (%.1fs)' % dt)
+            self.assertRegex(rest, rb'\* BYE [^\r\n]*\r\n\Z', 'a stalled backend: `* BYE`, then close; '
+                             'got %r' % rest)
+        finally:
+            os.kill(pids[0], signal.SIGCONT)
+        r = self.raw()
+        untagged, _ = self.login_ok(r)
+        self.assertReuse(untagged, False, 'login after a backend that stopped answering', r)
+        self.logout_raw(r)
+        self.assertEqual(self.dc.logins('alice'), 2)
 
 
 # ====================================================================== real clients
