@@ -473,13 +473,17 @@ class Proxy:
     """
 
     def __init__(self, tmpdir, dovecot, inetd=True, start=True, port=None,
-                 listen_address='127.0.0.1', **conf):
+                 listen_address='127.0.0.1', fork_server=False, session_args=(), **conf):
         if not os.path.isdir(tmpdir):
             raise FixtureError('no such directory: %s' % tmpdir)
         self.dir = os.path.join(os.path.abspath(tmpdir), 'proxy-%d' % free_port())
         os.makedirs(self.dir)
         self.dovecot = dovecot
         self.inetd = inetd
+        # fork_server: one long-lived `imapproxy-session --fork-server` gets the
+        # listening socket (Accept=no) and forks per connection.
+        self.fork_server = fork_server
+        self.session_args = list(session_args)
         self.broker_socket = os.path.join(self.dir, 'broker.sock')
         self.conf_path = os.path.join(self.dir, 'imapproxy.conf')
         self.broker_log_path = os.path.join(self.dir, 'broker.log')
@@ -577,11 +581,15 @@ class Proxy:
         for _ in range(attempts):
             port = self.fixed_port or free_port()
             addr = self.listen_address
-            argv = [SOCKET_ACTIVATE, '-l', '%s:%d' % ('[%s]' % addr if ':' in addr else addr, port),
-                    '-a']
-            if self.inetd:
-                argv.append('--inetd')
-            argv += [os.path.abspath(SESSION), '-f', self.conf_path]
+            argv = [SOCKET_ACTIVATE, '-l', '%s:%d' % ('[%s]' % addr if ':' in addr else addr, port)]
+            if self.fork_server:
+                argv += [os.path.abspath(SESSION), '--fork-server'] + self.session_args
+            else:
+                argv.append('-a')
+                if self.inetd:
+                    argv.append('--inetd')
+                argv += [os.path.abspath(SESSION)] + self.session_args
+            argv += ['-f', self.conf_path]
             self.listener = _Proc(argv, self.listener_log_path, 'listener')
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
