@@ -35,6 +35,7 @@
 #include <unistd.h>
 
 #include "broker.h"
+#include "capability.h"
 #include "fd-util.h"
 #include "log.h"
 
@@ -216,21 +217,6 @@ static bool astring_can_quote(const char *s, size_t l) {
         return true;
 }
 
-static bool caps_has(const char *caps, const char *word) {
-        size_t wl = strlen(word);
-        for (const char *p = caps; *p;) {
-                while (*p == ' ')
-                        p++;
-                const char *e = p;
-                while (*e && *e != ' ')
-                        e++;
-                if ((size_t) (e - p) == wl && strncasecmp(p, word, wl) == 0)
-                        return true;
-                p = e;
-        }
-        return false;
-}
-
 /* Append s as an IMAP astring: quoted with escapes, or a literal. */
 static int out_append_astring(BackendJob *j, const char *s) {
         size_t l = strlen(s);
@@ -251,7 +237,7 @@ static int out_append_astring(BackendJob *j, const char *s) {
         }
 
         const char *caps = j->broker->prelogin_caps;
-        bool nonsync = caps_has(caps, "LITERAL+") || (caps_has(caps, "LITERAL-") && l <= 4096);
+        bool nonsync = capability_list_contains(caps, "LITERAL+") || (capability_list_contains(caps, "LITERAL-") && l <= 4096);
         char hdr[32];
         int n = snprintf(hdr, sizeof(hdr), "{%zu%s}\r\n", l, nonsync ? "+" : "");
         r = out_append(j, hdr, (size_t) n);
@@ -322,7 +308,7 @@ static int out_append_auth_plain(BackendJob *j, const char *authzid, const char 
         if (r < 0)
                 return -ENOMEM;
 
-        bool ir = caps_has(j->broker->prelogin_caps, "SASL-IR");
+        bool ir = capability_list_contains(j->broker->prelogin_caps, "SASL-IR");
         r = out_append(j, ir ? "L AUTHENTICATE PLAIN " : "L AUTHENTICATE PLAIN\r\n", ir ? 21 : 22);
         if (r >= 0 && !ir)
                 j->sync_at[j->n_sync++] = j->out_len;
@@ -339,7 +325,7 @@ static int job_send_login(BackendJob *j) {
         Broker *b = j->broker;
         int r;
 
-        if (caps_has(b->prelogin_caps, "LOGINDISABLED"))
+        if (capability_list_contains(b->prelogin_caps, "LOGINDISABLED"))
                 return -EPERM;
         if (proxy_auth_enabled(b))
                 /* The broker checked the shared secret; log in as the client's user

@@ -15,6 +15,7 @@
 #include <string.h>
 #include <strings.h>
 
+#include "capability.h"
 #include "session.h"
 
 static bool cap_removed(const char *w, size_t l, bool prelogin) {
@@ -58,7 +59,7 @@ void caps_filter(const char *backend_caps, bool prelogin, char *out, size_t outs
         }
         const char *ours = " XIMAPPROXY";
         if (prelogin)
-                ours = caps_contains(backend_caps ? backend_caps : "", "LOGINDISABLED")
+                ours = capability_list_contains(backend_caps ? backend_caps : "", "LOGINDISABLED")
                                ? " LOGINDISABLED XIMAPPROXY"
                                : " AUTH=PLAIN AUTH=LOGIN SASL-IR XIMAPPROXY";
         size_t ol = strlen(ours);
@@ -68,19 +69,4 @@ void caps_filter(const char *backend_caps, bool prelogin, char *out, size_t outs
         }
         if (o + ol < outsize)
                 memcpy(out + o, ours, ol + 1);
-}
-
-bool caps_contains(const char *caps, const char *word) {
-        size_t wl = strlen(word);
-        for (const char *p = caps; *p;) {
-                while (*p == ' ')
-                        p++;
-                const char *e = p;
-                while (*e && *e != ' ')
-                        e++;
-                if ((size_t) (e - p) == wl && strncasecmp(p, word, wl) == 0)
-                        return true;
-                p = e;
-        }
-        return false;
 }

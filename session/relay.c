@@ -33,6 +33,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "capability.h"
 #include "fd-util.h"
 #include "log.h"
 #include "session.h"
@@ -495,7 +496,7 @@ static void start_reset_or_finish(Relay *r) {
                 return;
         }
         /* Deselect without expunging and without the client seeing anything. */
-        const char *cmd = caps_contains(r->s->postlogin_caps, "UNSELECT")
+        const char *cmd = capability_list_contains(r->s->postlogin_caps, "UNSELECT")
                                   ? PROXY_TAG " UNSELECT\r\n"
                                   : PROXY_TAG " EXAMINE \"imapproxy/nonexistent/\\\"mailbox\"\r\n";
         if (backend_send_own(r, cmd) < 0) {

@@ -43,7 +43,6 @@ typedef struct Session {
 
 /* caps.c: the backend's list minus what the proxy cannot pass through, plus ours. */
 void caps_filter(const char *backend_caps, bool prelogin, char *out, size_t outsize);
-bool caps_contains(const char *caps, const char *word);
 
 /* broker.c */
 int broker_hello(Session *s);
