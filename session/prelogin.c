@@ -347,8 +347,12 @@ int prelogin_run(Session *s) {
                 .max_line = s->cfg.max_prelogin_line,
                 .max_literal = IPC_PASSWORD_MAX,
                 .max_depth = 3,
-                .capture_size = s->cfg.max_prelogin_line + IPC_PASSWORD_MAX + IPC_USER_MAX,
-                .max_args = 1024, /* a 30 KB ID */
+                /* Enough for LOGIN (user, password) and the ID parameters we may
+                 * forward (IPC_ID_MAX); longer lines are still framed, only not
+                 * kept. Sized small on purpose: it is allocated (and zeroed) at
+                 * every session start. */
+                .capture_size = IPC_ID_MAX + IPC_PASSWORD_MAX + IPC_USER_MAX + 1024,
+                .max_args = 256,
         };
         Prelogin pl = { .s = s };
         ImapScanner *sc = NULL;
