@@ -50,6 +50,7 @@ FUZZ_REPLAY   := $(patsubst tests/fuzz/fuzz-%.c,tests/fuzz/replay-%,$(FUZZ_SRC))
 FUZZ_BIN      := $(patsubst tests/fuzz/fuzz-%.c,tests/fuzz/libfuzzer-%,$(FUZZ_SRC))
 
 BINARIES := broker/imapproxy-broker session/imapproxy-session
+BENCH_BIN := bench/imapload bench/hello
 
 # The session is exec'd once per client connection, so its start-up is paid on
 # every connection: by default it is a static PIE linked against musl
@@ -182,7 +183,6 @@ install: all
 # (musl-gcc, static PIE through the MUSL_* variables above; never with the
 # sanitizers, which need glibc). Without musl-gcc, bench/hello-musl is not
 # built and bench/run reports that comparison as n/a.
-BENCH_BIN := bench/imapload bench/hello
 ifneq ($(shell command -v $(MUSL_CC) 2>/dev/null),)
 BENCH_BIN += bench/hello-musl
 endif
