@@ -129,23 +129,23 @@ static size_t sample(IpcType t, Payload *p) {
         case IPC_HELLO_REPLY:
                 p->hello_reply.version = IPC_PROTO_VERSION;
                 p->hello_reply.flags = IPC_HELLO_F_BACKEND_KNOWN;
-                strcpy(p->hello_reply.caps, CAPS_PRE);
+                snprintf(p->hello_reply.caps, sizeof(p->hello_reply.caps), "%s", CAPS_PRE);
                 break;
         case IPC_CHECKOUT:
                 p->checkout.flags = IPC_CHECKOUT_F_FRESH;
                 p->checkout.client_port = 54321;
-                strcpy(p->checkout.user, "alice@example.org");
-                strcpy(p->checkout.password, "s3cr\"t p\xc3\xa4ssw0rd");
-                strcpy(p->checkout.client_addr, "2001:db8::1");
+                snprintf(p->checkout.user, sizeof(p->checkout.user), "%s", "alice@example.org");
+                snprintf(p->checkout.password, sizeof(p->checkout.password), "%s", "s3cr\"t p\xc3\xa4ssw0rd");
+                snprintf(p->checkout.client_addr, sizeof(p->checkout.client_addr), "%s", "2001:db8::1");
                 break;
         case IPC_CHECKOUT_OK:
                 p->checkout_ok.ticket = 0x0123456789abcdefULL;
                 p->checkout_ok.flags = IPC_LEASE_F_REUSED;
-                strcpy(p->checkout_ok.caps, CAPS_POST);
+                snprintf(p->checkout_ok.caps, sizeof(p->checkout_ok.caps), "%s", CAPS_POST);
                 break;
         case IPC_CHECKOUT_FAIL:
                 p->checkout_fail.status = IPC_FAIL_NO;
-                strcpy(p->checkout_fail.text, "[AUTHENTICATIONFAILED] Authentication failed.");
+                snprintf(p->checkout_fail.text, sizeof(p->checkout_fail.text), "%s", "[AUTHENTICATIONFAILED] Authentication failed.");
                 break;
         case IPC_CHECKIN:
                 p->checkin.ticket = 0x0123456789abcdefULL;
@@ -1033,7 +1033,8 @@ TEST(ipc, connect) {
 
         cr_assert_not_null(mkdtemp(dir));
         snprintf(path, sizeof(path), "%s/broker.sock", dir);
-        strcpy(sa.sun_path, path);
+        cr_assert_lt(strlen(path), sizeof(sa.sun_path));
+        snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
         int l = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
         cr_assert_geq(l, 0);
         cr_assert_eq(bind(l, (struct sockaddr *) &sa, sizeof(sa)), 0, "bind: %m");
