@@ -722,7 +722,13 @@ int relay_run(Session *s) {
                         break;
 
                 uint64_t now = now_usec(), deadline, backend_deadline = UINT64_MAX;
-                if (r->n_pend > 0 && !pend_has_idle(r))
+                /* The backend is late only when it has every byte of every
+                 * command (or owes a "+" for a synchronising literal): a client
+                 * stalled in the middle of an upload is the client's idle time. */
+                bool backend_owes = r->csent == r->cready &&
+                                    (r->literal_wait ||
+                                     (imap_scanner_at_line_start(r->csc) && r->cready == r->clen));
+                if (r->n_pend > 0 && !pend_has_idle(r) && backend_owes)
                         backend_deadline = r->last_backend_usec + (uint64_t) s->cfg.backend_response_timeout * 1000000ULL;
                 if (r->phase == RELAY_ACTIVE)
                         deadline = r->last_client_usec + (uint64_t) s->cfg.client_idle_timeout * 1000000ULL;

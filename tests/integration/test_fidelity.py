@@ -1435,6 +1435,22 @@ class Timeouts(FidelityTest):
         self.assertEqual(self.dc.logins('alice'), 2)
 
 
+    def test_k4_stalled_upload_is_not_a_backend_timeout(self):
+        # backend_response_timeout is about the server: a client that pauses in
+        # the middle of an APPEND literal (LITERAL+) for longer than it must not
+        # be told the server is not responding.
+        self.start_proxy(backend_response_timeout=2)
+        r = self.raw()
+        self.login_ok(r)
+        msg = b'Subject: slow upload\r\n\r\n' + b'x' * 200 + b'\r\n'
+        r.send(b'u1 APPEND INBOX {%d+}\r\n' % len(msg) + msg[:50])
+        time.sleep(3.5)
+        r.send(msg[50:] + b'\r\n')
+        _, tagged = r.read_tagged(b'u1', timeout=10)
+        self.assertRegex(tagged, rb'^u1 OK', 'a client pausing mid-upload was cut off: %s' % r.dump())
+        self.logout_raw(r)
+
+
 # ====================================================================== real clients
 
 class RealClients(FidelityTest):
