@@ -6,6 +6,7 @@
  *	backend.c  new backend connections: resolve, connect, greeting, LOGIN
  *	peer.c     session peers on the broker socket: hello, checkout, checkin
  *	resolve.c  asynchronous getaddrinfo feeding the event loop
+ *	stats.c    counters and peaks (imapproxyctl stats, STATUS=)
  */
 #pragma once
 
@@ -16,6 +17,7 @@
 #include "config.h"
 #include "imap-scanner.h"
 #include "ipc-proto.h"
+#include "stats.h"
 
 #define VERIFIER_SIZE 32 /* HMAC-SHA256 */
 
@@ -61,18 +63,6 @@ struct Conn {
         char authzid[IPC_USER_MAX];      /* authorisation identity, "" if none */
 };
 
-typedef struct Stats {
-        uint64_t clients_total;       /* sessions that said hello */
-        uint64_t logins_total;        /* successful checkouts */
-        uint64_t reuses_total;        /* ... from the pool */
-        uint64_t backend_logins;      /* fresh backend LOGINs that succeeded */
-        uint64_t login_failures;      /* NO/BAD from the backend */
-        uint64_t backend_errors;      /* connect/greeting/timeout errors */
-        uint64_t expired;             /* idle connections expired */
-        uint64_t dead;                /* idle connections found dead */
-        uint64_t dirty;               /* returned dirty or never returned */
-        unsigned peak_lent, peak_idle, peak_clients;
-} Stats;
 
 struct Broker {
         sd_event *event;

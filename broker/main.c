@@ -37,11 +37,9 @@ void broker_update_status(Broker *b) {
 }
 
 static void status_send(Broker *b) {
-        const Stats *s = &b->stats;
-        double ratio = s->logins_total ? 100.0 * (double) s->reuses_total / (double) s->logins_total : 0.0;
-        (void) sd_notifyf(false,
-                          "STATUS=%u sessions, %u backend connections lent, %u idle; %llu logins, %.1f%% from cache",
-                          b->n_peers, b->n_lent, b->n_idle, (unsigned long long) s->logins_total, ratio);
+        char text[256];
+        if (stats_format_status(b, text, sizeof(text)) >= 0)
+                (void) sd_notifyf(false, "STATUS=%s", text);
         status_dirty = false;
 }
 

@@ -326,8 +326,7 @@ static int listen_on_accept(sd_event_source *s, int fd, uint32_t revents, void *
                         p->next->prev = p;
                 b->peers = p;
                 b->n_peers++;
-                if (b->n_peers > b->stats.peak_clients)
-                        b->stats.peak_clients = b->n_peers;
+                stats_note_clients(&b->stats, b->n_peers);
         }
 }
 

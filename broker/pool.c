@@ -310,8 +310,7 @@ Conn *conn_new_lent(Broker *b, int fd, const char *user, const char *authzid, co
         snprintf(c->user, sizeof(c->user), "%s", user);
         snprintf(c->authzid, sizeof(c->authzid), "%s", authzid);
         b->n_lent++;
-        if (b->n_lent > b->stats.peak_lent)
-                b->stats.peak_lent = b->n_lent;
+        stats_note_lent(&b->stats, b->n_lent);
         return c;
 }
 
@@ -337,8 +336,7 @@ int pool_checkout(Broker *b, const char *user, const char *authzid, const uint8_
                                 c->state = CONN_LENT;
                                 c->uses++;
                                 b->n_lent++;
-                                if (b->n_lent > b->stats.peak_lent)
-                                        b->stats.peak_lent = b->n_lent;
+                                stats_note_lent(&b->stats, b->n_lent);
                                 *ret = c;
                                 return 0;
                         }
@@ -422,8 +420,7 @@ int pool_checkin(Broker *b, Conn *c, int fd) {
         idle_append(b, c);
         c->state = CONN_IDLE;
         b->n_idle++;
-        if (b->n_idle > b->stats.peak_idle)
-                b->stats.peak_idle = b->n_idle;
+        stats_note_idle(&b->stats, b->n_idle);
         r = sd_event_add_io(b->event, &c->io, fd, EPOLLIN | EPOLLRDHUP, idle_on_io, c);
         if (r < 0) {
                 pool_conn_free(c, true);
