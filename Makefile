@@ -159,6 +159,7 @@ install: all
 	install -Dm0755 broker/imapproxy-broker $(DESTDIR)$(sbindir)/imapproxy-broker
 	install -Dm0755 session/imapproxy-session $(DESTDIR)$(libexecdir)/imapproxy-session
 	install -Dm0644 imapproxy.conf $(DESTDIR)$(sysconfdir)/imapproxy.conf
+	install -d $(DESTDIR)$(sysconfdir)/imapproxy.conf.d
 	install -d $(DESTDIR)$(unitdir)
 	install -d $(DESTDIR)$(docdir)
 	for u in units/*.service units/*.socket; do \

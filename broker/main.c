@@ -110,7 +110,7 @@ static int load_config(Broker *b) {
         int r = config_init(&b->cfg);
         if (r < 0)
                 return log_error_errno(r, "config: %m");
-        r = config_load_file(&b->cfg, arg_config, config_warn, NULL, err, sizeof(err));
+        r = config_load(&b->cfg, arg_config, config_warn, NULL, err, sizeof(err));
         if (r < 0)
                 return log_error_errno(r, "%s", err);
         int n_auth = !!b->cfg.auth_shared_secret + !!b->cfg.auth_sasl_plain_username + !!b->cfg.auth_sasl_plain_password;
@@ -144,7 +144,7 @@ int main(int argc, char **argv) {
         if (!getenv("IMAPPROXY_LOG_LEVEL"))
                 log_set_max_level(b->cfg.syslog_prioritymask);
         if (arg_check_config) {
-                config_dump(&b->cfg, stdout);
+                config_dump_origins(&b->cfg, stdout);
                 config_done(&b->cfg);
                 return 0;
         }

@@ -7,8 +7,12 @@
  *	                     char *err, size_t errsize);
  *	int config_load_buffer(Config *c, const char *name, const char *buf, size_t len,
  *	                       ConfigWarnFn warn, void *userdata, char *err, size_t errsize);
+ *	int config_load(Config *c, const char *path, ConfigWarnFn warn, void *userdata,
+ *	                char *err, size_t errsize);
  *	void config_done(Config *c);
  *	void config_dump(const Config *c, FILE *f);
+ *	void config_dump_origins(const Config *c, FILE *f);
+ *	unsigned config_diff(const Config *a, const Config *b, ConfigDiffFn fn, void *userdata);
  * DESCRIPTION
  *	One "keyword value" per line. The keyword is case-insensitive and ends at
  *	the first blank (space or tab); the value is the rest of the line after
@@ -20,6 +24,12 @@
  *	Every key is one row of config_keys[] below: name, type, field offset,
  *	range, flags and, for a key that is accepted but not applied, the reason
  *	given to the warning callback. A key given twice: the last one wins.
+ *
+ *	config_load() reads the main file and then its drop-ins, PATH.d/NAME.conf
+ *	in byte order of the names (systemd's convention): packagers and
+ *	configuration management put one concern per file there instead of
+ *	editing the main file. Each value remembers the file and line it came
+ *	from (Config.origin[]), which --check-config prints.
  *
  *	Stricter than up-imapproxy, which ignored unknown keys (its check tested
  *	an array for NULL) and fell back silently on bad values: here an unknown
@@ -40,6 +50,7 @@
  *	-ENOMEM, or the errno of open()/read(). Never logs, never exits, no
  *	globals; err and the warning callback are the only outputs.
  */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -197,6 +208,8 @@ static const ConfigKey config_keys[] = {
         KEY("max_idle_per_user", UINT, max_idle_per_user, 1, 1000000, 0, NULL),
 };
 
+static_assert(ELEMENTSOF(config_keys) <= CONFIG_KEYS_MAX, "raise CONFIG_KEYS_MAX in config.h");
+
 typedef struct NameValue {
         const char *name;
         int value;
@@ -230,6 +243,7 @@ static const NameValue priority_names[] = {
 typedef struct Parser {
         Config *config;
         const char *name;
+        unsigned file; /* 1 + index into config->files[] */
         ConfigWarnFn warn;
         void *userdata;
         char *err;
@@ -541,6 +555,8 @@ static int config_set(const Parser *p, const ConfigKey *k, const char *v) {
         default:
                 break;
         }
+        p->config->origin[k - config_keys].file = p->file;
+        p->config->origin[k - config_keys].line = p->line;
 
         if (k->why && !(k->flags & CONFIG_F_REFUSE_IF_TRUE)) {
                 bool quiet = (k->type == CONFIG_BOOL) &&
@@ -633,6 +649,27 @@ static int parse_line(Parser *p, const char *s, size_t n) {
         return r;
 }
 
+static int file_fail(const char *path, int r, char *err, size_t errsize, const char *what);
+
+/* Remembers a file name for Config.origin[]; returns its number (1-based). */
+static int config_add_file(Config *c, const char *name) {
+        char **n, *copy;
+
+        if (c->n_files >= UINT_MAX / 2)
+                return -E2BIG;
+        copy = strdup(name);
+        if (!copy)
+                return -ENOMEM;
+        n = realloc(c->files, (c->n_files + 1) * sizeof(char *));
+        if (!n) {
+                free(copy);
+                return -ENOMEM;
+        }
+        c->files = n;
+        c->files[c->n_files++] = copy;
+        return (int) c->n_files;
+}
+
 int config_load_buffer(Config *c, const char *name, const char *buf, size_t len, ConfigWarnFn warn,
                        void *userdata, char *err, size_t errsize) {
         Parser p = {
@@ -651,6 +688,10 @@ int config_load_buffer(Config *c, const char *name, const char *buf, size_t len,
 
         if (err && errsize > 0)
                 err[0] = 0;
+        r = config_add_file(c, p.name);
+        if (r < 0)
+                return file_fail(p.name, r, err, errsize, NULL);
+        p.file = (unsigned) r;
         if (len >= 3 && memcmp(buf, "\xef\xbb\xbf", 3) == 0) /* UTF-8 BOM from some editors */
                 pos = 3;
 
@@ -755,6 +796,86 @@ finish:
         return r;
 }
 
+static int cmp_names(const void *a, const void *b) {
+        return strcmp(*(char *const *) a, *(char *const *) b);
+}
+
+static bool is_dropin_name(const char *n) {
+        size_t l = strlen(n);
+        return n[0] != '.' && l > 5 && strcmp(n + l - 5, ".conf") == 0;
+}
+
+int config_load(Config *c, const char *path, ConfigWarnFn warn, void *userdata, char *err, size_t errsize) {
+        char *dir = NULL, **names = NULL;
+        size_t n = 0;
+        DIR *d = NULL;
+        int r;
+
+        r = config_load_file(c, path, warn, userdata, err, errsize);
+        if (r < 0)
+                return r;
+
+        if (asprintf(&dir, "%s.d", path) < 0)
+                return file_fail(path, -ENOMEM, err, errsize, NULL);
+        d = opendir(dir);
+        if (!d) {
+                r = errno == ENOENT ? 0 : file_fail(dir, -errno, err, errsize, NULL);
+                goto finish;
+        }
+        for (;;) {
+                struct dirent *de;
+                struct stat st;
+
+                errno = 0;
+                de = readdir(d);
+                if (!de) {
+                        if (errno != 0) {
+                                r = file_fail(dir, -errno, err, errsize, NULL);
+                                goto finish;
+                        }
+                        break;
+                }
+                if (!is_dropin_name(de->d_name))
+                        continue;
+                /* Only regular files (or links to them): an editor's backup
+                 * directory called "x.conf" is not configuration. */
+                if (fstatat(dirfd(d), de->d_name, &st, 0) < 0 || !S_ISREG(st.st_mode))
+                        continue;
+                if (n >= CONFIG_DROPINS_MAX) {
+                        r = file_fail(dir, -E2BIG, err, errsize, "more than 128 *.conf drop-in files");
+                        goto finish;
+                }
+                char **nn = realloc(names, (n + 1) * sizeof(char *));
+                if (!nn) {
+                        r = file_fail(dir, -ENOMEM, err, errsize, NULL);
+                        goto finish;
+                }
+                names = nn;
+                if (asprintf(&names[n], "%s/%s", dir, de->d_name) < 0) {
+                        r = file_fail(dir, -ENOMEM, err, errsize, NULL);
+                        goto finish;
+                }
+                n++;
+        }
+        qsort(names, n, sizeof(char *), cmp_names); /* the same prefix: byte order of the names */
+        for (size_t i = 0; i < n; i++) {
+                r = config_load_file(c, names[i], warn, userdata, err, errsize);
+                if (r == -ENOENT) /* vanished since readdir(): still an error, but say so clearly */
+                        r = file_fail(names[i], -EIO, err, errsize, "drop-in file vanished while being read");
+                if (r < 0)
+                        goto finish;
+        }
+        r = 0;
+finish:
+        for (size_t i = 0; i < n; i++)
+                free(names[i]);
+        free(names);
+        if (d)
+                (void) closedir(d);
+        free(dir);
+        return r;
+}
+
 int config_init(Config *c) {
         assert(c);
 
@@ -801,10 +922,13 @@ void config_done(Config *c) {
                         break;
                 }
         }
+        for (unsigned i = 0; i < c->n_files; i++)
+                free(c->files[i]);
+        free(c->files);
         *c = (Config) {};
 }
 
-void config_dump(const Config *c, FILE *f) {
+static void dump(const Config *c, FILE *f, bool origins) {
         assert(c);
         assert(f);
 
@@ -812,6 +936,14 @@ void config_dump(const Config *c, FILE *f) {
                 const ConfigKey *k = &config_keys[i];
                 const void *field = (const uint8_t *) c + k->offset;
                 const char *name;
+
+                if (origins) {
+                        unsigned file = c->origin[i].file;
+                        if (file > 0 && file <= c->n_files)
+                                fprintf(f, "# %s:%u\n", c->files[file - 1], c->origin[i].line);
+                        else
+                                fprintf(f, "# default\n");
+                }
 
                 switch (k->type) {
                 case CONFIG_STRING:
@@ -856,4 +988,61 @@ void config_dump(const Config *c, FILE *f) {
                         break;
                 }
         }
+}
+
+void config_dump(const Config *c, FILE *f) {
+        dump(c, f, false);
+}
+
+void config_dump_origins(const Config *c, FILE *f) {
+        dump(c, f, true);
+}
+
+static bool same_string(const char *a, const char *b) {
+        return (!a && !b) || (a && b && strcmp(a, b) == 0);
+}
+
+unsigned config_diff(const Config *a, const Config *b, ConfigDiffFn fn, void *userdata) {
+        unsigned n = 0;
+
+        assert(a);
+        assert(b);
+        for (size_t i = 0; i < ELEMENTSOF(config_keys); i++) {
+                const ConfigKey *k = &config_keys[i];
+                const void *fa = (const uint8_t *) a + k->offset, *fb = (const uint8_t *) b + k->offset;
+                bool same;
+
+                switch (k->type) {
+                case CONFIG_STRING:
+                case CONFIG_WORD:
+                case CONFIG_PORT:
+                case CONFIG_SOCKET_PATH:
+                        same = same_string(*(char *const *) fa, *(char *const *) fb);
+                        break;
+                case CONFIG_BOOL:
+                        same = *(const bool *) fa == *(const bool *) fb;
+                        break;
+                case CONFIG_UINT:
+                case CONFIG_BYTES:
+                case CONFIG_IPVERSION:
+                        same = *(const unsigned *) fa == *(const unsigned *) fb;
+                        break;
+                case CONFIG_BYTES64:
+                        same = *(const uint64_t *) fa == *(const uint64_t *) fb;
+                        break;
+                case CONFIG_FACILITY:
+                case CONFIG_PRIORITY:
+                        same = *(const int *) fa == *(const int *) fb;
+                        break;
+                default:
+                        same = true;
+                        break;
+                }
+                if (!same) {
+                        n++;
+                        if (fn)
+                                fn(userdata, k->name);
+                }
+        }
+        return n;
 }

@@ -11,6 +11,8 @@
 
 #define CONFIG_LINE_MAX 4096           /* bytes per line, without the line end */
 #define CONFIG_FILE_MAX (1024 * 1024)  /* bytes config_load_file() reads at most */
+#define CONFIG_DROPINS_MAX 128         /* FILE.d/NAME.conf files config_load() reads at most */
+#define CONFIG_KEYS_MAX 64             /* rows of config_keys[] (checked in config.c) */
 
 #ifndef SYSCONFDIR
 #define SYSCONFDIR "/etc"
@@ -69,6 +71,14 @@ typedef struct Config {
         unsigned login_failure_delay;  /* ms: a failed login is answered no sooner; default 2000 */
         bool forward_client_id;        /* send the client's ID + x-originating-* before LOGIN */
         unsigned max_idle_per_user;    /* idle pooled connections kept per user; default 8 */
+
+        /* ---- where each value came from (config_dump_origins()) ---- */
+        struct {
+                unsigned file;         /* 1 + index into files[]; 0: the built-in default */
+                unsigned line;
+        } origin[CONFIG_KEYS_MAX];     /* indexed like config_keys[] in config.c */
+        char **files;                  /* names of the files/buffers parsed, in order */
+        unsigned n_files;
 } Config;
 
 /* Called once per occurrence of a key that is accepted but not applied (or
@@ -90,8 +100,25 @@ int config_load_file(Config *c, const char *path, ConfigWarnFn warn, void *userd
 int config_load_buffer(Config *c, const char *name, const char *buf, size_t len, ConfigWarnFn warn,
                        void *userdata, char *err, size_t errsize);
 
+/* The main file, then its drop-ins: every regular "*.conf" file (not starting
+ * with '.') in the directory "PATH.d", in byte order of the names (C locale),
+ * each on top of what came before, so a later value overrides. A missing
+ * PATH.d is fine; PATH.d that is not a directory, an unreadable drop-in or more
+ * than CONFIG_DROPINS_MAX of them is an error naming it. Returns what
+ * config_load_file() returns; -ENOENT only when PATH itself is missing (then
+ * no drop-in is read). Errors name the drop-in file and line. */
+int config_load(Config *c, const char *path, ConfigWarnFn warn, void *userdata, char *err, size_t errsize);
+
 /* Frees strings (wiping secrets first). Accepts a zeroed or half-built Config. */
 void config_done(Config *c);
 
-/* Print "key value" for every key (secrets shown as "(set)"), for --check-config. */
+/* Print "key value" for every key (secrets shown as "(set)"). */
 void config_dump(const Config *c, FILE *f);
+/* The same, each line preceded by a comment saying where the value came
+ * from ("# FILE:LINE" or "# default"), for --check-config. */
+void config_dump_origins(const Config *c, FILE *f);
+
+/* Calls fn for every key whose value differs between a and b (secrets are
+ * compared, never passed on). Returns the number of such keys. */
+typedef void (*ConfigDiffFn)(void *userdata, const char *key);
+unsigned config_diff(const Config *a, const Config *b, ConfigDiffFn fn, void *userdata);

@@ -249,7 +249,7 @@ int main(int argc, char **argv) {
 
         r = config_init(&s->cfg);
         if (r >= 0) {
-                r = config_load_file(&s->cfg, arg_config, config_warn, NULL, err, sizeof(err));
+                r = config_load(&s->cfg, arg_config, config_warn, NULL, err, sizeof(err));
                 if (r == -ENOENT && !arg_config_explicit)
                         r = 0; /* no config file: defaults */
                 else if (r < 0)

@@ -1110,3 +1110,178 @@ Test(config, our_annotated_default_config_loads) {
         free(b);
         config_done(&d);
 }
+
+/* ---- drop-in directory: FILE.d/NAME.conf ---- */
+
+typedef struct TmpTree {
+        char dir[64];
+        char main[128];
+        char dropins[160];
+} TmpTree;
+
+static void write_file(const char *path, const char *text) {
+        FILE *f = fopen(path, "w");
+        cr_assert_not_null(f, "%s", path);
+        cr_assert_eq(fputs(text, f) >= 0, 1);
+        cr_assert_eq(fclose(f), 0);
+}
+
+static void tree_make(TmpTree *t, const char *main_text) {
+        snprintf(t->dir, sizeof(t->dir), "/tmp/test-config-dropin-XXXXXX");
+        cr_assert_not_null(mkdtemp(t->dir));
+        snprintf(t->main, sizeof(t->main), "%s/imapproxy.conf", t->dir);
+        snprintf(t->dropins, sizeof(t->dropins), "%s/imapproxy.conf.d", t->dir);
+        write_file(t->main, main_text);
+}
+
+static void tree_dropin(TmpTree *t, const char *name, const char *text) {
+        char p[256];
+        (void) mkdir(t->dropins, 0755);
+        snprintf(p, sizeof(p), "%s/%s", t->dropins, name);
+        write_file(p, text);
+}
+
+static void tree_remove(TmpTree *t) {
+        char cmd[128];
+        snprintf(cmd, sizeof(cmd), "rm -rf '%s'", t->dir);
+        cr_expect_eq(system(cmd), 0);
+}
+
+static int tree_load(TmpTree *t) {
+        L.w.n = 0;
+        L.r = config_load(&L.c, t->main, collect_warning, &L.w, L.err, sizeof(L.err));
+        return L.r;
+}
+
+Test(config, dropins_missing_directory_is_fine) {
+        TmpTree t;
+        tree_make(&t, "server_hostname main\ncache_size 10\n");
+        cr_expect_eq(tree_load(&t), 0, "%s", L.err);
+        cr_expect_str_eq(L.c.server_hostname, "main");
+        cr_expect_eq(L.c.cache_size, 10);
+        tree_remove(&t);
+}
+
+Test(config, dropins_override_in_lexical_order) {
+        TmpTree t;
+        tree_make(&t, "server_hostname main\ncache_size 10\ncache_expiration_time 5\nbackend_timeout 7\n");
+        tree_dropin(&t, "20-b.conf", "cache_size 20\nserver_hostname twenty\n");
+        tree_dropin(&t, "10-a.conf", "cache_size 11\ncache_expiration_time 6\n");
+        tree_dropin(&t, "30-c.conf", "# only a comment\n\n");
+        tree_dropin(&t, "Z-upper.conf", "backend_timeout 9\n"); /* bytes: '1' < '3' < 'Z': read last */
+        tree_dropin(&t, "ignored.conf.orig", "cache_size 999\n");
+        tree_dropin(&t, ".hidden.conf", "cache_size 998\n");
+        tree_dropin(&t, "README", "not a config file at all\n");
+        cr_assert_eq(tree_load(&t), 0, "%s", L.err);
+        cr_expect_str_eq(L.c.server_hostname, "twenty");
+        cr_expect_eq(L.c.cache_size, 20);
+        cr_expect_eq(L.c.cache_expiration_time, 6);
+        cr_expect_eq(L.c.backend_timeout, 9);
+        tree_remove(&t);
+}
+
+Test(config, dropin_error_names_the_dropin_file_and_line) {
+        TmpTree t;
+        char expect[512];
+        tree_make(&t, "server_hostname main\n");
+        tree_dropin(&t, "10-ok.conf", "cache_size 20\n");
+        tree_dropin(&t, "50-bad.conf", "# backend\nserver_port 1143\ncache_size many\n");
+        cr_expect_eq(tree_load(&t), -EINVAL);
+        snprintf(expect, sizeof(expect),
+                 "%s/50-bad.conf:3: cache_size: invalid value 'many': expected a number from 1 to 1000000", t.dropins);
+        cr_expect_str_eq(L.err, expect);
+        tree_remove(&t);
+}
+
+Test(config, dropin_warnings_name_the_dropin_file) {
+        TmpTree t;
+        char expect[512];
+        tree_make(&t, "server_hostname main\n");
+        tree_dropin(&t, "10-x.conf", "\nlisten_port 1143\n");
+        cr_expect_eq(tree_load(&t), 0, "%s", L.err);
+        snprintf(expect, sizeof(expect), "%s/10-x.conf:2: listen_port: ", t.dropins);
+        cr_expect(has_warning(expect), "%s", L.w.n ? L.w.msg[0] : "(no warning)");
+        tree_remove(&t);
+}
+
+Test(config, dropin_directory_that_is_a_file_is_an_error) {
+        TmpTree t;
+        char expect[512];
+        tree_make(&t, "server_hostname main\n");
+        write_file(t.dropins, "cache_size 5\n");
+        cr_expect_eq(tree_load(&t), -ENOTDIR);
+        snprintf(expect, sizeof(expect), "%s: Not a directory", t.dropins);
+        cr_expect_str_eq(L.err, expect);
+        tree_remove(&t);
+}
+
+Test(config, missing_main_file_reads_no_dropins) {
+        TmpTree t;
+        tree_make(&t, "");
+        tree_dropin(&t, "10-x.conf", "cache_size 5\n");
+        cr_assert_eq(unlink(t.main), 0);
+        cr_expect_eq(tree_load(&t), -ENOENT);
+        cr_expect_eq(L.c.cache_size, 3072);
+        tree_remove(&t);
+}
+
+Test(config, too_many_dropins) {
+        TmpTree t;
+        tree_make(&t, "server_hostname main\n");
+        for (int i = 0; i <= CONFIG_DROPINS_MAX; i++) {
+                char n[32];
+                snprintf(n, sizeof(n), "%03d.conf", i);
+                tree_dropin(&t, n, "cache_size 5\n");
+        }
+        cr_expect_eq(tree_load(&t), -E2BIG);
+        cr_expect(strstr(L.err, "more than 128"), "%s", L.err);
+        tree_remove(&t);
+}
+
+static char *dump_origins_to_string(const Config *c) {
+        char *out = NULL;
+        size_t size = 0;
+        FILE *f = open_memstream(&out, &size);
+
+        cr_assert_not_null(f);
+        config_dump_origins(c, f);
+        cr_assert_eq(fclose(f), 0);
+        return out;
+}
+
+Test(config, dump_origins_say_where_each_value_came_from) {
+        TmpTree t;
+        char expect[512];
+        tree_make(&t, "server_hostname main\n\ncache_size 10\n");
+        tree_dropin(&t, "10-a.conf", "# x\ncache_size 11\n");
+        cr_assert_eq(tree_load(&t), 0, "%s", L.err);
+        char *d = dump_origins_to_string(&L.c);
+        snprintf(expect, sizeof(expect), "# %s:1\nserver_hostname main\n", t.main);
+        cr_expect(strstr(d, expect), "%s", d);
+        snprintf(expect, sizeof(expect), "# %s/10-a.conf:2\ncache_size 11\n", t.dropins);
+        cr_expect(strstr(d, expect), "%s", d);
+        cr_expect(strstr(d, "# default\nserver_port 143\n"), "%s", d);
+
+        free(d);
+        tree_remove(&t);
+}
+
+static void count_diff(void *userdata, const char *key) {
+        char *out = userdata;
+        strncat(out, key, 255 - strlen(out));
+        strncat(out, " ", 255 - strlen(out));
+}
+
+Test(config, diff_lists_changed_keys) {
+        Config c2;
+        char keys[256] = "";
+        cr_assert_eq(load("server_hostname a\ncache_size 5\nauth_shared_secret s1\n"), 0, "%s", L.err);
+        cr_assert_eq(config_init(&c2), 0);
+        static const char other[] = "server_hostname a\ncache_size 6\nauth_shared_secret s2\ndns_rr yes\n";
+        cr_assert_eq(config_load_buffer(&c2, "b", other, sizeof(other) - 1, NULL, NULL, L.err, sizeof(L.err)), 0,
+                     "%s", L.err);
+        cr_expect_eq(config_diff(&L.c, &c2, count_diff, keys), 3);
+        cr_expect_str_eq(keys, "cache_size auth_shared_secret dns_rr ");
+        cr_expect_eq(config_diff(&L.c, &L.c, NULL, NULL), 0);
+        config_done(&c2);
+}
