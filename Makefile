@@ -2,6 +2,7 @@
 #
 #   make                 build broker/imapproxy-broker and session/imapproxy-session
 #   make check           install test dependencies (as root), run every test
+#   make check-nspawn    only the test under real systemd in systemd-nspawn (root)
 #   make install DESTDIR=... prefix=... unitdir=...
 #   make SAN=1 ...       build with AddressSanitizer + UBSan (the session then uses glibc)
 #   make MUSL=0          link the session against glibc (dynamic) even if musl-gcc is there
@@ -155,6 +156,14 @@ check:
 	$(MAKE) tests-build
 	./tests/run-all
 
+# Real systemd as PID 1 in systemd-nspawn: make install into a Debian 12
+# tree, the shipped units and sysusers file, two logins through
+# imapproxy-session.socket (tests/nspawn/check-nspawn; root; part of make check).
+check-nspawn:
+	./scripts/install-deps
+	$(MAKE) $(BINARIES)
+	./tests/nspawn/check-nspawn
+
 install: all
 	install -Dm0755 broker/imapproxy-broker $(DESTDIR)$(sbindir)/imapproxy-broker
 	install -Dm0755 session/imapproxy-session $(DESTDIR)$(libexecdir)/imapproxy-session
@@ -207,6 +216,6 @@ clean:
 	rm -rf build
 
 FORCE:
-.PHONY: all check tests-build install clean fuzz FORCE
+.PHONY: all check check-nspawn tests-build install clean fuzz FORCE
 .SECONDARY:
 -include $(wildcard */*.d tests/*/*.d $(MUSL_DIR)/*/*.d)
