@@ -10,7 +10,8 @@
  *	Synchronous request/response over the broker socket with a bounded
  *	wait. The broker is optional to the point of a clean refusal: when it
  *	cannot be reached the session still greets (with a minimal capability
- *	list) and answers LOGIN with NO [UNAVAILABLE].
+ *	list) and answers LOGIN with NO [UNAVAILABLE]. A LOGIN finds the broker
+ *	again when it was restarted after the greeting (one reconnection).
  * ERRORS
  *	0, 1 (checkout refused: *ret_fail filled), or -errno.
  */
@@ -97,6 +98,15 @@ int broker_checkout(Session *s, const char *user, const char *authzid, const cha
         snprintf(req.client_id, sizeof(req.client_id), "%s", s->client_id);
 
         r = ipc_send(s->broker_fd, IPC_CHECKOUT, &req, sizeof(req), -EBADF);
+        if (r == -EPIPE || r == -ECONNRESET || r == -ENOTCONN) {
+                /* The broker we said hello to is gone (crashed or restarted while
+                 * the client was greeted): say hello to the one there now, once. */
+                log_info("broker connection lost before LOGIN: reconnecting");
+                broker_disconnect(s);
+                r = broker_hello(s);
+                if (r >= 0)
+                        r = ipc_send(s->broker_fd, IPC_CHECKOUT, &req, sizeof(req), -EBADF);
+        }
         explicit_bzero(&req, sizeof(req));
         if (r < 0) {
                 broker_disconnect(s);
