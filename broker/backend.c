@@ -719,7 +719,11 @@ static void job_connect_next(BackendJob *j) {
                 if (fd < 0)
                         continue;
                 (void) fd_set_nodelay(fd);
-                if (b->cfg.send_tcp_keepalives)
+                /* The socket keeps these when it is lent: a session on a dead
+                 * link gets ETIMEDOUT too. */
+                if (b->cfg.backend_link_timeout > 0)
+                        (void) fd_set_link_timeout(fd, b->cfg.backend_link_timeout);
+                else if (b->cfg.send_tcp_keepalives)
                         (void) fd_set_keepalive(fd);
                 j->fd = fd;
                 int r = connect(fd, ai->ai_addr, ai->ai_addrlen);

@@ -64,6 +64,7 @@ typedef struct Config {
         unsigned client_prelogin_timeout; /* s: client idle before login; default 60 */
         unsigned client_idle_timeout;  /* s: client idle after login; default 1800 */
         unsigned backend_response_timeout; /* s: backend silent while a command runs; default 300 */
+        unsigned backend_link_timeout; /* s: TCP_USER_TIMEOUT + keepalive on backend sockets; 0 = kernel's; default 60 */
         unsigned max_prelogin_line;    /* bytes; default 40960 (a 30 KB ID must pass) */
         unsigned max_command_line;     /* bytes after login; default 262144 */
         uint64_t max_literal_size;     /* bytes after login; default 1 GiB */

@@ -10,6 +10,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -58,6 +59,23 @@ int fd_set_nodelay(int fd) {
 int fd_set_keepalive(int fd) {
         int one = 1;
         if (setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one)) < 0)
+                return -errno;
+        return 0;
+}
+
+/* A TCP connection whose peer has not acknowledged data for `seconds` is
+ * dead (TCP_USER_TIMEOUT: the socket fails with ETIMEDOUT), and an idle one
+ * is probed so that this holds while nothing is sent: the first keepalive
+ * after seconds/2, then every seconds/4; with TCP_USER_TIMEOUT set the
+ * kernel gives up once `seconds` have passed without an answer. */
+int fd_set_link_timeout(int fd, unsigned seconds) {
+        unsigned ms = seconds > UINT_MAX / 1000 ? UINT_MAX : seconds * 1000;
+        int idle = (int) MAX(seconds / 2, 1u), intvl = (int) MAX(seconds / 4, 1u), one = 1;
+
+        if (setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &ms, sizeof(ms)) < 0 ||
+            setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one)) < 0 ||
+            setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle)) < 0 ||
+            setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof(intvl)) < 0)
                 return -errno;
         return 0;
 }

@@ -20,6 +20,7 @@ int fd_set_nonblock(int fd, bool nonblock);
 int fd_set_cloexec(int fd, bool cloexec);
 int fd_set_nodelay(int fd);
 int fd_set_keepalive(int fd);
+int fd_set_link_timeout(int fd, unsigned seconds);
 
 /* Write all of buf to a (possibly non-blocking) fd, waiting with poll() up to
  * timeout_ms in total (-1: no limit). 0 or -errno (-ETIMEDOUT). */

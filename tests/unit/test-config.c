@@ -889,7 +889,8 @@ Test(config, dump_lists_every_key) {
                 "tls_ciphers", "tls_no_tlsv1", "tls_no_tlsv1.1", "tls_no_tlsv1.2",
                 "auth_sasl_plain_username", "auth_sasl_plain_password", "auth_shared_secret", "dns_rr",
                 "ipversion_only", "broker_socket", "broker_socket_group", "backend_timeout",
-                "client_prelogin_timeout", "client_idle_timeout", "backend_response_timeout", "max_prelogin_line",
+                "client_prelogin_timeout", "client_idle_timeout", "backend_response_timeout", "backend_link_timeout",
+                "max_prelogin_line",
                 "max_command_line", "max_literal_size", "login_max_failures", "login_failure_delay",
                 "forward_client_id", "max_idle_per_user",
         };
