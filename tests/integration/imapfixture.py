@@ -27,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -182,6 +183,11 @@ def _kill_everything():
             p.stop(signal.SIGKILL, timeout=2.0)
         except Exception:  # noqa: BLE001 - last-resort cleanup
             pass
+    for ns in list(_live_ns):  # after the processes that ran inside them
+        try:
+            ns.close()
+        except Exception:  # noqa: BLE001 - last-resort cleanup
+            pass
 
 
 def _name_of_uid(uid):
@@ -205,7 +211,10 @@ class Dovecot:
     LOGOUT_RE = re.compile(r'imap\(([^)]*)\)[^:]*: Info: (?:Logged out|Disconnected)')
 
     def __init__(self, tmpdir, users=None, messages=5, port=None, auth_failure_delay=0,
-                 extra_conf='', start=True):
+                 extra_conf='', start=True, netns=None):
+        # netns: a NetNS to run in; Dovecot then listens on its inner address.
+        self.netns = netns
+        self.address = netns.inner if netns else '127.0.0.1'
         self.tmpdir = os.path.abspath(tmpdir)
         self.dir = os.path.join(self.tmpdir, 'dovecot')
         self.users = dict(users or {'alice': 'pw'})
@@ -292,7 +301,7 @@ instance_name = imapfixture-{port}
 log_path = {d}/dovecot.log
 info_log_path = {d}/dovecot.log
 debug_log_path = {d}/dovecot.log
-listen = 127.0.0.1
+listen = {addr}
 protocols = imap
 ssl = no
 disable_plaintext_auth = no
@@ -315,7 +324,7 @@ userdb {{
 }}
 service imap-login {{
   inet_listener imap {{
-    address = 127.0.0.1
+    address = {addr}
     port = {port}
   }}
   inet_listener imaps {{
@@ -331,7 +340,7 @@ service stats {{
   }}
 }}
 {extra}
-'''.format(d=self.dir, port=self.port, uid=self.mail_uid, gid=self.mail_gid,
+'''.format(d=self.dir, port=self.port, uid=self.mail_uid, gid=self.mail_gid, addr=self.address,
            afd=self.auth_failure_delay, identity=identity, extra=self.extra_conf)
         with open(self.conf, 'w') as f:
             f.write(conf)
@@ -364,20 +373,23 @@ service stats {{
     def start(self, timeout=15.0):
         if self.proc and self.proc.alive():
             return
-        self.proc = _Proc([DOVECOT, '-F', '-c', self.conf], self.stderr_path, 'dovecot')
+        argv = [DOVECOT, '-F', '-c', self.conf]
+        if self.netns:
+            argv = self.netns.exec_argv(argv)
+        self.proc = _Proc(argv, self.stderr_path, 'dovecot')
 
         def ready():
             if not self.proc.alive():
                 raise FixtureError('dovecot exited (rc=%s):\n%s\n%s' % (
                     self.proc.reap(), self.proc.log(), self.log()))
             try:
-                with socket.create_connection(('127.0.0.1', self.port), timeout=1) as s:
+                with socket.create_connection((self.address, self.port), timeout=1) as s:
                     s.settimeout(2)
                     return s.recv(512).startswith(b'* OK')
             except OSError:
                 return False
         try:
-            wait_until(ready, timeout, 0.05, 'dovecot on port %d' % self.port)
+            wait_until(ready, timeout, 0.05, 'dovecot on %s port %d' % (self.address, self.port))
         except FixtureError:
             self.stop()
             raise
@@ -489,7 +501,7 @@ class Proxy:
         self.broker_log_path = os.path.join(self.dir, 'broker.log')
         self.listener_log_path = os.path.join(self.dir, 'listener.log')
         self.settings = {
-            'server_hostname': '127.0.0.1',
+            'server_hostname': dovecot.address if dovecot else '127.0.0.1',
             'server_port': dovecot.port if dovecot else 143,
             'cache_expiration_time': 300,
             'cache_size': 100,
@@ -775,6 +787,443 @@ class RawClient:
 
 def quote(s):
     return '"%s"' % s.replace('\\', '\\\\').replace('"', '\\"')
+
+
+# ------------------------------------------------------------------ processes, fds, sockets
+
+def proc_fds(pid):
+    """{fd: target} of a live process ('socket:[123]', '/dev/null', ...)."""
+    out = {}
+    d = '/proc/%d/fd' % pid
+    for name in os.listdir(d):
+        try:
+            out[int(name)] = os.readlink(os.path.join(d, name))
+        except OSError:
+            pass  # closed meanwhile
+    return out
+
+
+def children_of(ppid):
+    """Pids whose parent is ppid."""
+    kids = []
+    for name in os.listdir('/proc'):
+        if not name.isdigit():
+            continue
+        try:
+            with open('/proc/%s/stat' % name) as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # comm may contain spaces and parentheses: the fields follow the last ')'
+        fields = stat[stat.rfind(')') + 2:].split()
+        if len(fields) > 1 and int(fields[1]) == ppid:
+            kids.append(int(name))
+    return kids
+
+
+TCP_STATES = {'01': 'ESTABLISHED', '02': 'SYN_SENT', '03': 'SYN_RECV', '04': 'FIN_WAIT1',
+              '05': 'FIN_WAIT2', '06': 'TIME_WAIT', '07': 'CLOSE', '08': 'CLOSE_WAIT',
+              '09': 'LAST_ACK', '0A': 'LISTEN', '0B': 'CLOSING'}
+
+
+def _hexaddr(h):
+    ip, port = h.split(':')
+    if len(ip) == 8:
+        addr = socket.inet_ntop(socket.AF_INET, bytes.fromhex(ip)[::-1])
+    else:
+        raw = bytes.fromhex(ip)
+        addr = socket.inet_ntop(socket.AF_INET6, b''.join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
+    return addr, int(port, 16)
+
+
+def tcp_sockets():
+    """{inode: (local (addr, port), remote (addr, port), state)} of this network namespace."""
+    out = {}
+    for path in ('/proc/net/tcp', '/proc/net/tcp6'):
+        try:
+            with open(path) as f:
+                next(f)
+                for line in f:
+                    p = line.split()
+                    if len(p) > 9 and p[9] != '0':
+                        out[int(p[9])] = (_hexaddr(p[1]), _hexaddr(p[2]), TCP_STATES.get(p[3], p[3]))
+        except OSError:
+            pass
+    return out
+
+
+def socket_fds(pid):
+    """{fd: inode} of the sockets a process holds."""
+    out = {}
+    for fd, target in proc_fds(pid).items():
+        m = re.match(r'socket:\[(\d+)\]$', target)
+        if m:
+            out[fd] = int(m.group(1))
+    return out
+
+
+def tcp_fds(pid, remote_port=None):
+    """[(fd, local, remote, state)] of the TCP sockets a process holds, optionally only
+    those whose peer port is remote_port."""
+    tcp = tcp_sockets()
+    out = []
+    for fd, ino in sorted(socket_fds(pid).items()):
+        if ino in tcp:
+            local, remote, state = tcp[ino]
+            if remote_port is None or remote[1] == remote_port:
+                out.append((fd, local, remote, state))
+    return out
+
+
+def fd_report(pid, backend_port):
+    """What a broker or session holds: total fds, its backend connections (by state) and
+    the rest. Used to prove that nothing leaks over repeated fault cycles."""
+    fds = proc_fds(pid)
+    backend = tcp_fds(pid, backend_port)
+    return {'total': len(fds), 'backend': [b[3] for b in backend],
+            'other': len(fds) - len(backend), 'fds': fds}
+
+
+def session_pid_for(listener, sock, timeout=5.0):
+    """Pid of the session (a child of listener) serving the client socket sock."""
+    lport = sock.getsockname()[1]
+
+    def find():
+        tcp = tcp_sockets()
+        for kid in children_of(listener.pid):
+            try:
+                for ino in socket_fds(kid).values():
+                    t = tcp.get(ino)
+                    if t and t[1][1] == lport and t[0][1] == sock.getpeername()[1]:
+                        return kid
+            except OSError:
+                continue
+        return None
+    return wait_until(find, timeout, 0.02, 'the session of client port %d' % lport)
+
+
+def proc_rss_kb(pid):
+    with open('/proc/%d/status' % pid) as f:
+        for line in f:
+            if line.startswith('VmRSS:'):
+                return int(line.split()[1])
+    return 0
+
+
+# ------------------------------------------------------------------ network namespace
+
+IP = shutil.which('ip') or '/usr/sbin/ip'
+IPTABLES = shutil.which('iptables') or '/usr/sbin/iptables'
+_live_ns = []
+_ns_counter = [0]
+
+
+def netns_available():
+    """None when NetNS can work here, else why not."""
+    if os.geteuid() != 0:
+        return 'needs root'
+    for tool in (IP, IPTABLES):
+        if not os.access(tool, os.X_OK):
+            return '%s is not installed' % tool
+    return None
+
+
+def _run(argv, check=True):
+    r = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=20,
+                       env=child_env())
+    if check and r.returncode != 0:
+        raise FixtureError('%s failed (rc=%d): %s' % (' '.join(argv), r.returncode,
+                                                        r.stderr.decode(errors='replace').strip()))
+    return r
+
+
+class NetNS:
+    """A private network namespace joined to ours by a veth pair: our side is `outer`,
+    the namespace side `inner`, a /30 of 10.0.0.0/8 that no route of ours overlaps.
+
+    cut(port, 'drop') silently drops TCP to and from port inside the namespace
+    (the peer sees ETIMEDOUT after TCP_USER_TIMEOUT); cut(port, 'reset') answers
+    every packet to port with a TCP RST (ECONNRESET); heal() removes the rules.
+    close() (also at exit) deletes the namespace, which takes the veth pair with it.
+    Names carry our pid: namespaces left by a dead test run are removed on creation.
+    """
+
+    PREFIX = 'imapfx-'
+
+    def __init__(self):
+        why = netns_available()
+        if why:
+            raise FixtureError('network namespace: %s' % why)
+        self._reap_stale()
+        _ns_counter[0] += 1
+        n = _ns_counter[0]
+        self.name = '%s%d-%d' % (self.PREFIX, os.getpid(), n)
+        self.veth = 'ifx%d%c%d' % (os.getpid(), 'o', n)      # ours (<= 15 chars)
+        self.veth_in = 'ifx%d%c%d' % (os.getpid(), 'i', n)   # moved into the namespace
+        self.outer, self.inner = self._pick_subnet()
+        self.closed = False
+        _live_ns.append(self)
+        try:
+            _run([IP, 'netns', 'add', self.name])
+            _run([IP, 'link', 'add', self.veth, 'type', 'veth', 'peer', 'name', self.veth_in])
+            _run([IP, 'link', 'set', self.veth_in, 'netns', self.name])
+            _run([IP, 'addr', 'add', self.outer + '/30', 'dev', self.veth])
+            _run([IP, 'link', 'set', self.veth, 'up'])
+            _run([IP, '-n', self.name, 'addr', 'add', self.inner + '/30', 'dev', self.veth_in])
+            _run([IP, '-n', self.name, 'link', 'set', self.veth_in, 'up'])
+            _run([IP, '-n', self.name, 'link', 'set', 'lo', 'up'])
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def _reap_stale(cls):
+        r = _run([IP, 'netns', 'list'], check=False)
+        for line in r.stdout.decode(errors='replace').splitlines():
+            m = re.match(r'(%s(\d+)-\d+)' % re.escape(cls.PREFIX), line)
+            if m and int(m.group(2)) != os.getpid() and not os.path.exists('/proc/%s' % m.group(2)):
+                _run([IP, 'netns', 'del', m.group(1)], check=False)
+
+    @staticmethod
+    def _pick_subnet():
+        import ipaddress
+        import random
+        used = []
+        for args in (['-4', 'route', 'show', 'table', 'all'], ['-4', 'addr', 'show']):
+            text = _run([IP] + args, check=False).stdout.decode(errors='replace')
+            for m in re.finditer(r'(\d+\.\d+\.\d+\.\d+(?:/\d+)?)', text):
+                try:
+                    used.append(ipaddress.ip_network(m.group(1), strict=False))
+                except ValueError:
+                    pass
+        rnd = random.Random()
+        for _ in range(200):
+            net = ipaddress.ip_network('10.%d.%d.%d/30' % (rnd.randrange(100, 250), rnd.randrange(256),
+                                                           4 * rnd.randrange(64)))
+            if not any(net.overlaps(u) for u in used if u.prefixlen > 0):
+                hosts = list(net.hosts())
+                return str(hosts[0]), str(hosts[1])
+        raise FixtureError('no free private /30 for a veth pair')
+
+    def exec_argv(self, argv):
+        return [IP, 'netns', 'exec', self.name] + list(argv)
+
+    def iptables(self, *args):
+        return _run(self.exec_argv([IPTABLES, '-w', '5'] + list(args)))
+
+    def cut(self, port, mode):
+        """Cut TCP port inside the namespace: mode 'drop' or 'reset'."""
+        if mode == 'drop':
+            self.iptables('-I', 'INPUT', '-p', 'tcp', '--dport', str(port), '-j', 'DROP')
+            self.iptables('-I', 'OUTPUT', '-p', 'tcp', '--sport', str(port), '-j', 'DROP')
+        elif mode == 'reset':
+            self.iptables('-I', 'INPUT', '-p', 'tcp', '--dport', str(port), '-j', 'REJECT',
+                          '--reject-with', 'tcp-reset')
+            # Whatever the server still sends must not reach the peer (or it could
+            # answer a keepalive probe before the peer writes).
+            self.iptables('-I', 'OUTPUT', '-p', 'tcp', '--sport', str(port), '--tcp-flags', 'RST', 'NONE',
+                          '-j', 'DROP')
+        else:
+            raise ValueError(mode)
+
+    def heal(self):
+        self.iptables('-F', 'INPUT')
+        self.iptables('-F', 'OUTPUT')
+
+    def rules(self):
+        return self.iptables('-S').stdout.decode(errors='replace')
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        _run([IP, 'netns', 'del', self.name], check=False)
+        _run([IP, 'link', 'del', self.veth], check=False)  # normally gone with the namespace
+        if self in _live_ns:
+            _live_ns.remove(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ------------------------------------------------------------------ scripted fake backend
+
+class FakeConn:
+    """One accepted connection of a FakeBackend, handed to a behaviour function."""
+
+    def __init__(self, server, sock, n):
+        self.server = server
+        self.sock = sock
+        self.n = n
+        self.buf = b''
+        self.received = b''
+        self.sent = 0
+        self.accepted_at = time.monotonic()
+        self.closed_by_peer_at = None
+        self.log = []
+
+    def send(self, data):
+        self.sock.sendall(data)
+        self.sent += len(data)
+
+    def readline(self, timeout=10.0):
+        """One line from the peer (bytes with CRLF), or None on EOF/timeout."""
+        deadline = time.monotonic() + timeout
+        while b'\n' not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or self.server.stopping:
+                return None
+            self.sock.settimeout(min(left, 0.2))
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                chunk = b''
+            if not chunk:
+                self.closed_by_peer_at = time.monotonic()
+                return None
+            self.received += chunk
+            self.buf += chunk
+        line, self.buf = self.buf.split(b'\n', 1)
+        return line + b'\n'
+
+    def wait_closed(self, timeout=60.0):
+        """Read and discard until the peer closes; True if it did within timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.server.stopping:
+            self.sock.settimeout(0.2)
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                chunk = b''
+            if not chunk:
+                self.closed_by_peer_at = time.monotonic()
+                return True
+            self.received += chunk
+        return False
+
+    def forward(self, port, host='127.0.0.1', swallow_greeting=False):
+        """Relay both ways to a real server until either side closes."""
+        up = socket.create_connection((host, port), timeout=10)
+        try:
+            if swallow_greeting:
+                g = b''
+                while b'\n' not in g:
+                    c = up.recv(4096)
+                    if not c:
+                        return
+                    g += c
+                rest = g.split(b'\n', 1)[1]
+                if rest:
+                    self.send(rest)
+            if self.buf:
+                up.sendall(self.buf)
+                self.buf = b''
+            import selectors
+            sel = selectors.DefaultSelector()
+            sel.register(self.sock, selectors.EVENT_READ, up)
+            sel.register(up, selectors.EVENT_READ, self.sock)
+            self.sock.setblocking(True)
+            up.setblocking(True)
+            while not self.server.stopping:
+                for key, _ in sel.select(0.2):
+                    try:
+                        data = key.fileobj.recv(65536)
+                    except OSError:
+                        data = b''
+                    if not data:
+                        if key.fileobj is self.sock:
+                            self.closed_by_peer_at = time.monotonic()
+                        return
+                    key.data.sendall(data)
+        except OSError:
+            return
+        finally:
+            up.close()
+
+
+class FakeBackend:
+    """A scripted IMAP server on a free loopback port, one thread per connection.
+
+    Each accepted connection runs the next function of `plan` (a list, consumed
+    in accept order), or `default` when the plan is empty: behaviour(conn) with a
+    FakeConn. `conns` keeps every FakeConn for assertions (what the peer sent, when
+    it closed). The behaviour's return closes the connection.
+    """
+
+    def __init__(self, default):
+        self.default = default
+        self.plan = []
+        self.conns = []
+        self.stopping = False
+        self.lock = threading.Lock()
+        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.lsock.bind(('127.0.0.1', 0))
+        self.lsock.listen(64)
+        self.lsock.settimeout(0.2)
+        self.port = self.lsock.getsockname()[1]
+        self.threads = []
+        self.errors = []
+        self.acceptor = threading.Thread(target=self._accept_loop, daemon=True)
+        self.acceptor.start()
+
+    def push(self, *behaviours):
+        with self.lock:
+            self.plan.extend(behaviours)
+
+    def _accept_loop(self):
+        while not self.stopping:
+            try:
+                s, _ = self.lsock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with self.lock:
+                fn = self.plan.pop(0) if self.plan else self.default
+                c = FakeConn(self, s, len(self.conns))
+                self.conns.append(c)
+            t = threading.Thread(target=self._serve, args=(c, fn), daemon=True)
+            self.threads.append(t)
+            t.start()
+
+    def _serve(self, c, fn):
+        try:
+            fn(c)
+        except (OSError, EOFError):
+            pass  # the peer went away: that is what most faults provoke
+        except Exception as e:  # noqa: BLE001 - reported by the test
+            self.errors.append('connection %d: %r' % (c.n, e))
+        finally:
+            try:
+                c.sock.close()
+            except OSError:
+                pass
+
+    def wait_conns(self, n, timeout=5.0):
+        return wait_until(lambda: len(self.conns) >= n, timeout, what='%d connections to the fake backend' % n)
+
+    def stop(self):
+        self.stopping = True
+        try:
+            self.lsock.close()
+        except OSError:
+            pass
+        for t in self.threads + [self.acceptor]:
+            t.join(timeout=2)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
 
 
 # ------------------------------------------------------------------ self-check
