@@ -41,8 +41,11 @@ COMMON_SRC  := $(sort $(wildcard common/*.c))
 COMMON_OBJ  := $(COMMON_SRC:.c=.o)
 BROKER_SRC  := $(sort $(wildcard broker/*.c))
 BROKER_OBJ  := $(BROKER_SRC:.c=.o)
-SESSION_SRC := $(sort $(wildcard session/*.c))
+# session/tls.c belongs to imapproxy-session-tls only (see below).
+SESSION_SRC := $(filter-out session/tls.c,$(sort $(wildcard session/*.c)))
 SESSION_OBJ := $(SESSION_SRC:.c=.o)
+TLS_DIR     := build/tls
+TLS_SESSION_OBJ := $(patsubst %.c,$(TLS_DIR)/%.o,$(SESSION_SRC) session/tls.c)
 
 UNIT_TEST_SRC := $(sort $(wildcard tests/unit/test-*.c))
 UNIT_TESTS    := $(UNIT_TEST_SRC:.c=)
@@ -50,7 +53,7 @@ FUZZ_SRC      := $(sort $(wildcard tests/fuzz/fuzz-*.c))
 FUZZ_REPLAY   := $(patsubst tests/fuzz/fuzz-%.c,tests/fuzz/replay-%,$(FUZZ_SRC))
 FUZZ_BIN      := $(patsubst tests/fuzz/fuzz-%.c,tests/fuzz/libfuzzer-%,$(FUZZ_SRC))
 
-BINARIES := broker/imapproxy-broker session/imapproxy-session
+BINARIES := broker/imapproxy-broker session/imapproxy-session session/imapproxy-session-tls
 BENCH_BIN := bench/imapload bench/hello
 
 # The session is exec'd once per client connection, so its start-up is paid on
@@ -112,6 +115,18 @@ session/imapproxy-session: $(SESSION_OBJ) common/libcommon.a build/session-libc
 	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $(SESSION_OBJ) common/libcommon.a
 endif
 
+# Client TLS: the same session sources compiled again with -DSESSION_TLS
+# into build/tls/, plus session/tls.c, linked against glibc and GnuTLS (not
+# libsystemd). The plaintext session execs it after a client's STARTTLS;
+# the 993 launchers run it directly. Only TLS clients pay for loading GnuTLS.
+TLS_SESSION_CFLAGS = $(shell $(PKG_CONFIG) --cflags gnutls)
+TLS_SESSION_LIBS   = $(shell $(PKG_CONFIG) --libs gnutls)
+$(TLS_DIR)/%.o: %.c
+	@mkdir -p $(@D)
+	$(CC) $(CPPFLAGS) -DSESSION_TLS $(CFLAGS) $(TLS_SESSION_CFLAGS) -c -o $@ $<
+session/imapproxy-session-tls: $(TLS_SESSION_OBJ) common/libcommon.a
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $(TLS_SESSION_OBJ) common/libcommon.a $(TLS_SESSION_LIBS)
+
 build/session-libc: FORCE
 	@mkdir -p $(@D); echo '$(SESSION_LIBC) $(SAN)' | cmp -s - $@ || echo '$(SESSION_LIBC) $(SAN)' > $@
 
@@ -167,6 +182,7 @@ check-nspawn:
 install: all
 	install -Dm0755 broker/imapproxy-broker $(DESTDIR)$(sbindir)/imapproxy-broker
 	install -Dm0755 session/imapproxy-session $(DESTDIR)$(libexecdir)/imapproxy-session
+	install -Dm0755 session/imapproxy-session-tls $(DESTDIR)$(libexecdir)/imapproxy-session-tls
 	install -Dm0644 imapproxy.conf $(DESTDIR)$(sysconfdir)/imapproxy.conf
 	install -d $(DESTDIR)$(sysconfdir)/imapproxy.conf.d
 	install -d $(DESTDIR)$(unitdir)
@@ -218,4 +234,4 @@ clean:
 FORCE:
 .PHONY: all check check-nspawn tests-build install clean fuzz FORCE
 .SECONDARY:
--include $(wildcard */*.d tests/*/*.d $(MUSL_DIR)/*/*.d)
+-include $(wildcard */*.d tests/*/*.d $(MUSL_DIR)/*/*.d $(TLS_DIR)/*/*.d)

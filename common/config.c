@@ -207,6 +207,11 @@ static const ConfigKey config_keys[] = {
         KEY("login_failure_delay", UINT, login_failure_delay, 0, 60000, 0, NULL),
         KEY("forward_client_id", BOOL, forward_client_id, 0, 0, 0, NULL),
         KEY("max_idle_per_user", UINT, max_idle_per_user, 1, 1000000, 0, NULL),
+        KEY("listen_tls_cert_file", STRING, listen_tls_cert_file, 0, 0, 0, NULL),
+        KEY("listen_tls_key_file", STRING, listen_tls_key_file, 0, 0, 0, NULL),
+        KEY("listen_tls_priority", STRING, listen_tls_priority, 0, 0, 0, NULL),
+        KEY("listen_tls_ticket_key_file", STRING, listen_tls_ticket_key_file, 0, 0, 0, NULL),
+        KEY("login_requires_tls", BOOL, login_requires_tls, 0, 0, 0, NULL),
 };
 
 static_assert(ELEMENTSOF(config_keys) <= CONFIG_KEYS_MAX, "raise CONFIG_KEYS_MAX in config.h");

@@ -19,6 +19,12 @@
 #endif
 #define CONFIG_DEFAULT_PATH SYSCONFDIR "/imapproxy.conf"
 
+/* Client TLS without listen_tls_priority: TLS 1.2 and 1.3 only, AEAD ciphers
+ * only, forward-secret key exchange only, the server's preference. */
+#define CONFIG_TLS_PRIORITY_DEFAULT                                                               \
+        "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2:-CIPHER-ALL:+AES-256-GCM:+CHACHA20-POLY1305:" \
+        "+AES-128-GCM:-MAC-ALL:+AEAD:-KX-ALL:+ECDHE-ECDSA:+ECDHE-RSA:%SERVER_PRECEDENCE"
+
 typedef struct Config {
         /* ---- up-imapproxy 1.2.8 keys ---- */
         char *server_hostname;         /* backend host (name or address); required by the broker */
@@ -72,6 +78,13 @@ typedef struct Config {
         unsigned login_failure_delay;  /* ms: a failed login is answered no sooner; default 2000 */
         bool forward_client_id;        /* send the client's ID + x-originating-* before LOGIN */
         unsigned max_idle_per_user;    /* idle pooled connections kept per user; default 8 */
+
+        /* ---- client-side TLS (terminated in the session; imapproxy-session(8)) ---- */
+        char *listen_tls_cert_file;    /* PEM chain, server certificate first; STARTTLS is offered iff set */
+        char *listen_tls_key_file;     /* PEM private key; default: listen_tls_cert_file */
+        char *listen_tls_priority;     /* GnuTLS priority string; NULL: CONFIG_TLS_PRIORITY_DEFAULT */
+        char *listen_tls_ticket_key_file; /* 64-byte TLS 1.3 ticket master key shared by all sessions */
+        bool login_requires_tls;       /* LOGIN/AUTHENTICATE only after TLS; LOGINDISABLED before */
 
         /* ---- where each value came from (config_dump_origins()) ---- */
         struct {

@@ -8,7 +8,9 @@
  *	mechanisms the proxy itself implements (AUTH=PLAIN AUTH=LOGIN SASL-IR),
  *	plus XIMAPPROXY. When the backend refuses plaintext logins
  *	(LOGINDISABLED) and the proxy has no TLS to it, LOGINDISABLED is shown
- *	and no mechanism is offered.
+ *	and no mechanism is offered; likewise before the client's own TLS under
+ *	login_requires_tls. STARTTLS is the proxy's own: offered only when a
+ *	listen_tls_cert_file is configured and the client is not yet on TLS.
  *	Pure string work; owns nothing.
  */
 #include <stdio.h>
@@ -34,7 +36,25 @@ static bool cap_removed(const char *w, size_t l, bool prelogin) {
         return false;
 }
 
-void caps_filter(const char *backend_caps, bool prelogin, char *out, size_t outsize) {
+bool session_starttls_available(const Session *s) {
+        return !s->tls_active && s->cfg.listen_tls_cert_file;
+}
+
+bool session_login_allowed(const Session *s) {
+        return s->tls_active || !s->cfg.login_requires_tls;
+}
+
+void caps_prelogin(const Session *s, char *out, size_t outsize) {
+        unsigned flags = CAPS_PRELOGIN;
+        if (session_starttls_available(s))
+                flags |= CAPS_STARTTLS;
+        if (!session_login_allowed(s))
+                flags |= CAPS_LOGINDISABLED;
+        caps_filter(s->prelogin_caps, flags, out, outsize);
+}
+
+void caps_filter(const char *backend_caps, unsigned flags, char *out, size_t outsize) {
+        bool prelogin = flags & CAPS_PRELOGIN;
         size_t o = 0;
         const char *p = backend_caps;
 
@@ -58,10 +78,15 @@ void caps_filter(const char *backend_caps, bool prelogin, char *out, size_t outs
                 p = e;
         }
         const char *ours = " XIMAPPROXY";
-        if (prelogin)
-                ours = capability_list_contains(backend_caps ? backend_caps : "", "LOGINDISABLED")
-                               ? " LOGINDISABLED XIMAPPROXY"
-                               : " AUTH=PLAIN AUTH=LOGIN SASL-IR XIMAPPROXY";
+        if (prelogin) {
+                bool disabled = (flags & CAPS_LOGINDISABLED) ||
+                                capability_list_contains(backend_caps ? backend_caps : "", "LOGINDISABLED");
+                if (flags & CAPS_STARTTLS)
+                        ours = disabled ? " STARTTLS LOGINDISABLED XIMAPPROXY"
+                                        : " STARTTLS AUTH=PLAIN AUTH=LOGIN SASL-IR XIMAPPROXY";
+                else
+                        ours = disabled ? " LOGINDISABLED XIMAPPROXY" : " AUTH=PLAIN AUTH=LOGIN SASL-IR XIMAPPROXY";
+        }
         size_t ol = strlen(ours);
         if (o == 0) {
                 ours++;

@@ -10,6 +10,16 @@
  *	dialogue and then the relay. Links libc only: this is the hottest path
  *	of the product (every webmail page view execs it), so no libsystemd
  *	(sd_listen_fds() is a few lines of environment parsing) and no GnuTLS.
+ *
+ *	Client TLS lives in a second program built from the same sources with
+ *	-DSESSION_TLS and linked to GnuTLS, imapproxy-session-tls, installed
+ *	next to this one. A client's STARTTLS gets its tagged OK here, every
+ *	byte it sent after STARTTLS is dropped, and this process execve()s
+ *	imapproxy-session-tls --starttls-handoff on the same client socket,
+ *	which handshakes and carries on without a greeting. Implicit TLS (993)
+ *	runs imapproxy-session-tls directly (or this program with
+ *	--implicit-tls, which execs it at once). So a plaintext session never
+ *	loads GnuTLS (design.md section 3).
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -21,6 +31,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <limits.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -34,9 +45,20 @@ static const char *arg_broker_socket;
 static bool arg_fork_server;
 static bool arg_fork_server_child; /* REMOTE_ADDR/REMOTE_PORT describe no client of ours */
 static unsigned arg_reexec_after = 1000;
+static bool arg_implicit_tls;
+static bool arg_starttls_handoff;  /* internal: exec'd after STARTTLS's tagged OK */
+static int arg_client_fd_in = -1;  /* internal: the client socket(s) of that exec */
+static int arg_client_fd_out = -1;
+static unsigned arg_login_failures; /* internal: failed logins before STARTTLS */
+
+#define TLS_PROGRAM "imapproxy-session-tls"
 
 int client_write(Session *s, const char *buf, size_t len) {
         /* Composed replies go out in one write (with TCP_NODELAY: one segment). */
+#ifdef SESSION_TLS
+        if (s->tls)
+                return tls_write_all(s, buf, len, 30000);
+#endif
         return fd_write_all(s->client_out, buf, len, 30000);
 }
 
@@ -98,6 +120,10 @@ static int parse_argv(int argc, char **argv) {
                 { "broker-socket", required_argument, NULL, 's' },
                 { "fork-server", no_argument, NULL, 'F' },
                 { "reexec-after", required_argument, NULL, 'R' },
+                { "implicit-tls", no_argument, NULL, 'T' },
+                { "starttls-handoff", no_argument, NULL, 'H' },
+                { "client-fd", required_argument, NULL, 'C' },
+                { "login-failures", required_argument, NULL, 'L' },
                 { "help", no_argument, NULL, 'h' },
                 {},
         };
@@ -122,10 +148,37 @@ static int parse_argv(int argc, char **argv) {
                         arg_reexec_after = (unsigned) v;
                         break;
                 }
+                case 'T':
+                        arg_implicit_tls = true;
+                        break;
+                case 'H':
+                        arg_starttls_handoff = true;
+                        break;
+                case 'C': {
+                        char *end;
+                        unsigned long in = strtoul(optarg, &end, 10), out = in;
+                        if (*end == ':')
+                                out = strtoul(end + 1, &end, 10);
+                        if (*end || in > INT_MAX || out > INT_MAX)
+                                return -EINVAL;
+                        arg_client_fd_in = (int) in;
+                        arg_client_fd_out = (int) out;
+                        break;
+                }
+                case 'L': {
+                        char *end;
+                        unsigned long v = strtoul(optarg, &end, 10);
+                        if (*end || v > 1000)
+                                return -EINVAL;
+                        arg_login_failures = (unsigned) v;
+                        break;
+                }
                 case 'h':
-                        printf("Usage: imapproxy-session [-f CONFIG] [-s BROKER_SOCKET] [--fork-server [--reexec-after N]]\n"
+                        printf("Usage: %s [-f CONFIG] [-s BROKER_SOCKET] [--implicit-tls] [--fork-server [--reexec-after N]]\n"
                                "Serves one IMAP client on fd 0/1 (inetd) or LISTEN_FDS fd 3; with --fork-server,\n"
-                               "accepts on the listening socket fd 3 and forks one process per client.\n");
+                               "accepts on the listening socket fd 3 and forks one process per client.\n"
+                               "--implicit-tls: TLS from the first byte (port 993), by " TLS_PROGRAM ".\n",
+                               program_invocation_short_name);
                         exit(EXIT_SUCCESS);
                 default:
                         return -EINVAL;
@@ -134,23 +187,88 @@ static int parse_argv(int argc, char **argv) {
         return optind < argc ? -EINVAL : 0;
 }
 
+#ifndef SESSION_TLS
+/* After STARTTLS's tagged OK: become imapproxy-session-tls on the same client
+ * socket. Nothing the client sent after STARTTLS survives the exec. Returns
+ * only on failure (the client, told to start TLS, is then disconnected). */
+static int exec_tls_session(Session *s) {
+        char self[PATH_MAX], prog[PATH_MAX], fds[32], failures[16];
+        const char *argv[16];
+        size_t n = 0;
+
+        ssize_t l = readlink("/proc/self/exe", self, sizeof(self) - 1);
+        if (l <= 0)
+                return log_error_errno(l < 0 ? -errno : -ENOENT, "STARTTLS: cannot find our own program: %m");
+        self[l] = '\0';
+        char *slash = strrchr(self, '/');
+        if (!slash)
+                return log_error_errno(-ENOENT, "STARTTLS: odd program path %s", self);
+        *slash = '\0';
+        if (snprintf(prog, sizeof(prog), "%s/" TLS_PROGRAM, self) >= (int) sizeof(prog))
+                return -ENAMETOOLONG;
+        (void) fd_set_cloexec(s->client_in, false);
+        (void) fd_set_cloexec(s->client_out, false);
+        snprintf(fds, sizeof(fds), "%d:%d", s->client_in, s->client_out);
+        snprintf(failures, sizeof(failures), "%u", s->login_failures);
+        argv[n++] = prog;
+        argv[n++] = "--starttls-handoff";
+        argv[n++] = "--client-fd";
+        argv[n++] = fds;
+        argv[n++] = "--login-failures";
+        argv[n++] = failures;
+        if (arg_config_explicit) {
+                argv[n++] = "-f";
+                argv[n++] = arg_config;
+        }
+        if (arg_broker_socket) {
+                argv[n++] = "-s";
+                argv[n++] = arg_broker_socket;
+        }
+        argv[n] = NULL;
+        if (arg_fork_server_child) { /* the launcher's variables describe no client of ours */
+                (void) unsetenv("REMOTE_ADDR");
+                (void) unsetenv("REMOTE_PORT");
+        }
+        execv(prog, (char *const *) argv);
+        return log_error_errno(-errno, "STARTTLS: cannot execute %s: %m", prog);
+}
+#endif
+
 /* One client, from greeting to goodbye. */
 static int session_serve(Session *s) {
         char caps[IPC_CAPS_MAX], greeting[IPC_CAPS_MAX + 128];
-        int r;
+        int r = 0;
 
         (void) fd_set_nodelay(s->client_out);
         client_address(s);
+        s->login_failures = arg_login_failures;
+
+#ifdef SESSION_TLS
+        /* Implicit TLS, or the handshake the client asked for with STARTTLS
+         * (answered by the plaintext session that exec'd us). */
+        r = tls_handshake(s);
+        if (r < 0)
+                return 0; /* logged; a client that cannot do TLS is not our failure */
+        s->tls_active = true;
+#endif
 
         (void) broker_hello(s); /* unreachable: greet anyway, LOGIN gets NO [UNAVAILABLE] */
 
-        caps_filter(s->prelogin_caps, true, caps, sizeof(caps));
-        int n = snprintf(greeting, sizeof(greeting), "* OK [CAPABILITY %s] IMAP proxy ready.\r\n", caps);
-        if (n < 0 || (size_t) n >= sizeof(greeting) || client_write(s, greeting, (size_t) n) < 0)
-                return 0;
+        if (!arg_starttls_handoff) { /* after STARTTLS there is no second greeting */
+                caps_prelogin(s, caps, sizeof(caps));
+                int n = snprintf(greeting, sizeof(greeting), "* OK [CAPABILITY %s] IMAP proxy ready.\r\n", caps);
+                if (n < 0 || (size_t) n >= sizeof(greeting) || client_write(s, greeting, (size_t) n) < 0)
+                        goto out;
+        }
 
         r = prelogin_run(s);
-        if (r == 1) {
+#ifndef SESSION_TLS
+        if (r == PRELOGIN_STARTTLS) {
+                s->broker_fd = safe_close(s->broker_fd);
+                r = exec_tls_session(s);
+        }
+#endif
+        if (r == PRELOGIN_LOGGED_IN) {
                 r = relay_run(s);
                 (void) broker_checkin(s, false); /* no-op unless the relay failed to return it */
         }
@@ -159,7 +277,11 @@ static int session_serve(Session *s) {
                 free(s->pending);
                 s->pending = NULL;
         }
+out:
         s->broker_fd = safe_close(s->broker_fd);
+#ifdef SESSION_TLS
+        tls_end(s);
+#endif
         return r < 0 ? 1 : 0;
 }
 
@@ -231,13 +353,39 @@ int main(int argc, char **argv) {
         (void) signal(SIGPIPE, SIG_IGN);
         if (parse_argv(argc, argv) < 0)
                 return 2;
+#ifndef SESSION_TLS
+        if (arg_implicit_tls || arg_starttls_handoff) {
+                /* Same pid, same fds, same environment (LISTEN_PID stays right). */
+                char self[PATH_MAX], prog[PATH_MAX];
+                ssize_t l = readlink("/proc/self/exe", self, sizeof(self) - 1);
+                char *slash = l > 0 ? (self[l] = '\0', strrchr(self, '/')) : NULL;
+                if (slash) {
+                        *slash = '\0';
+                        if (snprintf(prog, sizeof(prog), "%s/" TLS_PROGRAM, self) < (int) sizeof(prog)) {
+                                argv[0] = prog;
+                                execv(prog, argv);
+                        }
+                }
+                log_error_errno(-errno, "--implicit-tls: cannot execute %s next to this program: %m", TLS_PROGRAM);
+                return 1;
+        }
+#endif
 
-        bool fds3 = listen_fds() == 1;
+        bool fds3 = !arg_starttls_handoff && listen_fds() == 1;
         if (arg_fork_server && !fds3) {
                 log_error("--fork-server needs a listening socket passed as LISTEN_FDS=1 (fd 3)");
                 return 2;
         }
-        if (fds3)
+        if (arg_starttls_handoff) {
+                if (arg_client_fd_in < 0 || arg_fork_server) {
+                        log_error("--starttls-handoff is internal: it needs --client-fd and no --fork-server");
+                        return 2;
+                }
+                s->client_in = arg_client_fd_in;
+                s->client_out = arg_client_fd_out;
+                (void) fd_set_cloexec(s->client_in, true);
+                (void) fd_set_cloexec(s->client_out, true);
+        } else if (fds3)
                 s->client_in = s->client_out = 3;
         else {
                 s->client_in = STDIN_FILENO;
@@ -257,7 +405,11 @@ int main(int argc, char **argv) {
         }
         if (r < 0) {
                 static const char bye[] = "* BYE [UNAVAILABLE] Proxy misconfigured.\r\n";
-                if (!arg_fork_server)
+#ifndef SESSION_TLS
+                if (!arg_fork_server) /* (a TLS client would not understand it) */
+#else
+                if (false)
+#endif
                         (void) client_write(s, bye, sizeof(bye) - 1);
                 return 1;
         }
@@ -271,6 +423,14 @@ int main(int argc, char **argv) {
                         return 1;
         }
 
+#ifdef SESSION_TLS
+        /* Once per process: a fork server pays for loading the key once. */
+        r = tls_setup(&s->cfg);
+        if (r < 0) {
+                config_done(&s->cfg);
+                return 1; /* logged; the client cannot be told in a language it speaks */
+        }
+#endif
         r = arg_fork_server ? fork_server_run(s, argv) : session_serve(s);
         config_done(&s->cfg);
         return r;

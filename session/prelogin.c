@@ -6,8 +6,13 @@
  * DESCRIPTION
  *	Reads client bytes with the pre-login timeout, scans them with the
  *	client-mode IMAP scanner under the small pre-login limits, and answers
- *	CAPABILITY, NOOP, ID, LOGOUT, LOGIN and AUTHENTICATE (PLAIN with or
- *	without SASL-IR, LOGIN) itself; any other command gets a tagged BAD.
+ *	CAPABILITY, NOOP, ID, LOGOUT, STARTTLS, LOGIN and AUTHENTICATE (PLAIN
+ *	with or without SASL-IR, LOGIN) itself; any other command gets a
+ *	tagged BAD. STARTTLS (offered only with listen_tls_cert_file, and not
+ *	on TLS already) gets its tagged OK and ends the dialogue: the bytes the
+ *	client sent after it are dropped with the scanner, and the caller
+ *	starts TLS. Under login_requires_tls, LOGIN and AUTHENTICATE before
+ *	TLS get NO [PRIVACYREQUIRED].
  *	Synchronising literals get "+" only within the limits. A login asks
  *	the broker for a connection; on success the bytes the client pipelined
  *	after it are kept in s->pending for the relay. A failed login is
@@ -50,7 +55,6 @@ typedef struct Prelogin {
         AuthStep auth;
         char auth_tag[TAG_MAX + 1];
         char auth_user[IPC_USER_MAX];
-        unsigned failures;
         uint64_t cmd_start_usec;
 } Prelogin;
 
@@ -95,8 +99,8 @@ static int login_failed(Prelogin *p, const char *tag, const char *status, const 
                 while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
                         ;
         }
-        p->failures++;
-        if (p->failures >= s->cfg.login_max_failures) {
+        s->login_failures++;
+        if (s->login_failures >= s->cfg.login_max_failures) {
                 (void) reply(s, "%s %s %s\r\n* BYE Too many invalid authentication attempts.\r\n", tag, status, text);
                 return -ECONNRESET;
         }
@@ -125,7 +129,7 @@ static int login_with(Prelogin *p, const char *tag, const char *user, const char
                         return reply(s, "%s NO %s\r\n", tag, fail.text);
                 return login_failed(p, tag, fail.status == IPC_FAIL_BAD ? "BAD" : "NO", fail.text);
         }
-        caps_filter(s->postlogin_caps, false, caps, sizeof(caps));
+        caps_filter(s->postlogin_caps, 0, caps, sizeof(caps));
         r = reply(s, "%s%s OK [CAPABILITY %s] Logged in\r\n",
                   s->reused ? "* OK [XPROXYREUSE] IMAP connection reused by imapproxy\r\n" : "", tag, caps);
         if (r < 0)
@@ -285,7 +289,8 @@ static void id_remember(Session *s, const ImapLine *l) {
         out[o] = '\0';
 }
 
-/* Returns 1 logged in, 0 continue, -ECONNRESET to end the connection, <0 error. */
+/* Returns PRELOGIN_LOGGED_IN, PRELOGIN_STARTTLS, 0 continue, -ECONNRESET to
+ * end the connection, <0 error. */
 static int handle_line(Prelogin *p, const ImapLine *l) {
         Session *s = p->s;
         char caps[IPC_CAPS_MAX];
@@ -303,6 +308,12 @@ static int handle_line(Prelogin *p, const ImapLine *l) {
                 return reply(s, "%s BAD Missing command.\r\n", tag);
         const ImapArg *cmd = &l->args[1];
 
+        if ((imap_arg_is(cmd, "LOGIN") || imap_arg_is(cmd, "AUTHENTICATE")) && !session_login_allowed(s)) {
+                /* login_requires_tls: LOGINDISABLED is advertised; refuse
+                 * before looking at the credentials, and forget them. */
+                imap_scanner_wipe(p->sc);
+                return reply(s, "%s NO [PRIVACYREQUIRED] Use STARTTLS first: logins require TLS here.\r\n", tag);
+        }
         if (imap_arg_is(cmd, "LOGIN")) {
                 p->cmd_start_usec = now_usec();
                 int r = do_login(p, tag, l);
@@ -315,7 +326,7 @@ static int handle_line(Prelogin *p, const ImapLine *l) {
                 return r;
         }
         if (imap_arg_is(cmd, "CAPABILITY")) {
-                caps_filter(s->prelogin_caps, true, caps, sizeof(caps));
+                caps_prelogin(s, caps, sizeof(caps));
                 return reply(s, "* CAPABILITY %s\r\n%s OK Capability completed.\r\n", caps, tag);
         }
         if (imap_arg_is(cmd, "NOOP"))
@@ -329,8 +340,16 @@ static int handle_line(Prelogin *p, const ImapLine *l) {
                 (void) reply(s, "* BYE Logging out\r\n%s OK Logout completed.\r\n", tag);
                 return -ECONNRESET;
         }
-        if (imap_arg_is(cmd, "STARTTLS"))
-                return reply(s, "%s BAD STARTTLS is not available.\r\n", tag);
+        if (imap_arg_is(cmd, "STARTTLS")) {
+                if (l->n_args != 2)
+                        return reply(s, "%s BAD STARTTLS takes no arguments.\r\n", tag);
+                if (s->tls_active)
+                        return reply(s, "%s BAD TLS is already active.\r\n", tag);
+                if (!session_starttls_available(s))
+                        return reply(s, "%s BAD STARTTLS is not available.\r\n", tag);
+                int r = reply(s, "%s OK Begin TLS negotiation now.\r\n", tag);
+                return r < 0 ? r : PRELOGIN_STARTTLS;
+        }
         return reply(s, "%s BAD Please log in first.\r\n", tag);
 }
 
@@ -365,17 +384,19 @@ int prelogin_run(Session *s) {
         pl.sc = sc;
 
         for (;;) {
-                struct pollfd p = { .fd = s->client_in, .events = POLLIN };
-                r = poll(&p, 1, (int) s->cfg.client_prelogin_timeout * 1000);
-                if (r < 0 && errno == EINTR)
-                        continue;
-                if (r == 0) {
-                        (void) reply(s, "* BYE Disconnected for inactivity.\r\n");
-                        r = 0;
-                        break;
+                if (!client_pending(s)) {
+                        struct pollfd p = { .fd = s->client_in, .events = POLLIN };
+                        r = poll(&p, 1, (int) s->cfg.client_prelogin_timeout * 1000);
+                        if (r < 0 && errno == EINTR)
+                                continue;
+                        if (r == 0) {
+                                (void) reply(s, "* BYE Disconnected for inactivity.\r\n");
+                                r = 0;
+                                break;
+                        }
                 }
-                ssize_t n = read(s->client_in, buf, sizeof(buf));
-                if (n < 0 && (errno == EINTR || errno == EAGAIN))
+                ssize_t n = client_recv(s, buf, sizeof(buf));
+                if (n == -EINTR || n == -EAGAIN)
                         continue;
                 if (n <= 0) {
                         r = 0;
@@ -411,7 +432,13 @@ int prelogin_run(Session *s) {
                         } else if (ev == IMAP_SCAN_LINE)
                                 r = handle_line(&pl, imap_scanner_line(sc));
                 }
-                if (r == 1) {
+                if (r == PRELOGIN_STARTTLS) {
+                        /* Whatever the client sent after STARTTLS was sent in the
+                         * clear and must never be read as a command (the STARTTLS
+                         * command injection, CVE-2011-0411 and kin): dropped. */
+                        if ((size_t) n > off)
+                                log_debug("dropping %zu bytes sent after STARTTLS", (size_t) n - off);
+                } else if (r == PRELOGIN_LOGGED_IN) {
                         /* Logged in: what the client sent after LOGIN is the relay's. */
                         size_t rest = (size_t) n - off;
                         if (rest > 0) {

@@ -24,6 +24,10 @@
  *	commands, a client that left mid-command, a backend BYE, a scanner
  *	error); otherwise DIRTY. Then the client gets "* BYE" and its tagged OK
  *	in one write.
+ *	The client side goes through client_recv()/client_send() (session.h):
+ *	plain system calls in imapproxy-session, GnuTLS records in
+ *	imapproxy-session-tls, where records already decrypted but not yet read
+ *	(client_pending()) count as readable, since poll() cannot see them.
  */
 #include <errno.h>
 #include <poll.h>
@@ -439,7 +443,7 @@ static void filter_capability_line(Relay *r, const ImapLine *l) {
                 return;
         memcpy(caps, line + caps_at, cl);
         caps[cl] = '\0';
-        caps_filter(caps, false, filtered, sizeof(filtered));
+        caps_filter(caps, 0, filtered, sizeof(filtered));
         int n = snprintf(out, sizeof(out), "%.*s %s%.*s", (int) (caps_at - (caps_at > 0 && line[caps_at - 1] == ' ')),
                          line, filtered, (int) (len - caps_end), line + caps_end);
         if (n < 0 || (size_t) n >= sizeof(out))
@@ -519,8 +523,8 @@ static void client_read(Relay *r) {
         size_t space = r->ccap - r->clen;
         if (space == 0)
                 return;
-        ssize_t n = read(r->s->client_in, r->cbuf + r->clen, MIN(space, (size_t) RELAY_CHUNK));
-        if (n < 0 && (errno == EAGAIN || errno == EINTR))
+        ssize_t n = client_recv(r->s, r->cbuf + r->clen, MIN(space, (size_t) RELAY_CHUNK));
+        if (n == -EAGAIN || n == -EINTR)
                 return;
         if (n <= 0) {
                 r->client_alive = false;
@@ -536,12 +540,10 @@ static void client_read(Relay *r) {
 
 static void client_flush(Relay *r) {
         while (r->ssent < r->sfwd) {
-                ssize_t n = send(r->s->client_out, r->sbuf + r->ssent, r->sfwd - r->ssent, MSG_NOSIGNAL | MSG_DONTWAIT);
-                if (n < 0 && errno == ENOTSOCK)
-                        n = write(r->s->client_out, r->sbuf + r->ssent, r->sfwd - r->ssent);
-                if (n < 0 && errno == EINTR)
+                ssize_t n = client_send(r->s, r->sbuf + r->ssent, r->sfwd - r->ssent);
+                if (n == -EINTR)
                         continue;
-                if (n < 0 && errno == EAGAIN)
+                if (n == -EAGAIN)
                         return;
                 if (n <= 0) {
                         r->client_alive = false;
@@ -615,7 +617,7 @@ static int relay_finish(Relay *r) {
         /* What the backend said before stays ahead of our BYE. */
         (void) fd_set_nonblock(s->client_out, false);
         if (r->ssent < r->sfwd)
-                (void) fd_write_all(s->client_out, r->sbuf + r->ssent, r->sfwd - r->ssent, 10000);
+                (void) client_write(s, (const char *) r->sbuf + r->ssent, r->sfwd - r->ssent);
         char msg[512];
         int n;
         if (r->logout_requested && r->logout_tag)
@@ -737,12 +739,19 @@ int relay_run(Session *s) {
                 deadline = MIN(deadline, backend_deadline);
                 int timeout = deadline > now ? (int) MIN((deadline - now + 999) / 1000, (uint64_t) 3600000) : 0;
 
-                int n = poll(p, 2, timeout);
+                /* Decrypted client bytes waiting above the socket: poll() cannot
+                 * see them, so do not sleep on it. */
+                bool cpend = (p[0].events & POLLIN) && client_pending(s);
+                int n = poll(p, 2, cpend ? 0 : timeout);
                 if (n < 0) {
                         if (errno == EINTR)
                                 continue;
                         relay_taint(r, "poll failed");
                         break;
+                }
+                if (cpend) {
+                        p[0].revents |= POLLIN;
+                        n++;
                 }
                 if (n == 0) {
                         if (now_usec() >= backend_deadline) {

@@ -6,12 +6,18 @@
  *	relay.c     after login: relaying both ways, LOGOUT, returning the connection
  *	caps.c      capability lists as the client sees them
  *	broker.c    talking to the broker (hello, checkout, checkin)
+ *	tls.c       client TLS (GnuTLS): only in imapproxy-session-tls, built
+ *	            from the same sources with -DSESSION_TLS
  */
 #pragma once
 
 #include <stdbool.h>
+#include <errno.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <unistd.h>
 
 #include "config.h"
 #include "imap-scanner.h"
@@ -39,10 +45,27 @@ typedef struct Session {
         /* bytes read from the client before login that belong to the relay */
         uint8_t *pending;
         size_t pending_len;
+
+        unsigned login_failures;   /* failed logins so far (carried over STARTTLS) */
+        bool tls_active;           /* the client talks TLS (always false in imapproxy-session) */
+#ifdef SESSION_TLS
+        void *tls;                 /* gnutls_session_t once the handshake is done, else NULL */
+#endif
 } Session;
 
+/* Capability list flags for caps_filter(). */
+enum {
+        CAPS_PRELOGIN = 1u << 0,      /* add the proxy's AUTH= mechanisms (or LOGINDISABLED) */
+        CAPS_STARTTLS = 1u << 1,      /* add STARTTLS */
+        CAPS_LOGINDISABLED = 1u << 2, /* no login now: LOGINDISABLED, no AUTH= */
+};
+
 /* caps.c: the backend's list minus what the proxy cannot pass through, plus ours. */
-void caps_filter(const char *backend_caps, bool prelogin, char *out, size_t outsize);
+void caps_filter(const char *backend_caps, unsigned flags, char *out, size_t outsize);
+/* The pre-login list for this client now (STARTTLS, login_requires_tls). */
+void caps_prelogin(const Session *s, char *out, size_t outsize);
+bool session_starttls_available(const Session *s);
+bool session_login_allowed(const Session *s);
 
 /* broker.c */
 int broker_hello(Session *s);
@@ -54,8 +77,10 @@ int broker_checkin(Session *s, bool clean);
 int sasl_b64_decode(const char *in, size_t inlen, char *out, size_t outsize, size_t *ret_len);
 int sasl_plain_split(const char *msg, size_t len, char *authzid, char *authcid, char *password);
 
-/* prelogin.c: returns 1 when logged in (backend_fd set), 0 when the client
- * logged out or went away, <0 on error. */
+/* prelogin.c: returns PRELOGIN_LOGGED_IN (backend_fd set), PRELOGIN_STARTTLS
+ * (tagged OK sent, everything the client sent after STARTTLS dropped: the
+ * caller starts TLS), 0 when the client logged out or went away, <0 on error. */
+enum { PRELOGIN_LOGGED_IN = 1, PRELOGIN_STARTTLS = 2 };
 int prelogin_run(Session *s);
 
 /* relay.c: returns when the session is over. */
@@ -63,3 +88,50 @@ int relay_run(Session *s);
 
 /* main.c */
 int client_write(Session *s, const char *buf, size_t len);
+
+#ifdef SESSION_TLS
+/* tls.c: client TLS over s->client_in/client_out. tls_setup() once per
+ * process (credentials, priorities, ticket key); the rest per client. */
+int tls_setup(const Config *cfg);
+int tls_handshake(Session *s);
+ssize_t tls_recv(Session *s, void *buf, size_t len);
+ssize_t tls_send(Session *s, const void *buf, size_t len);
+int tls_write_all(Session *s, const void *buf, size_t len, int timeout_ms);
+bool tls_pending(const Session *s);
+void tls_end(Session *s);
+#endif
+
+/* Client I/O. In imapproxy-session these are the plain system calls (the
+ * hot path pays nothing for TLS); in imapproxy-session-tls they go through
+ * GnuTLS once the handshake is done. Both return bytes or -errno
+ * (-EAGAIN: try again after poll). */
+static inline ssize_t client_recv(Session *s, void *buf, size_t len) {
+#ifdef SESSION_TLS
+        if (s->tls)
+                return tls_recv(s, buf, len);
+#endif
+        ssize_t n = read(s->client_in, buf, len);
+        return n < 0 ? -errno : n;
+}
+
+static inline ssize_t client_send(Session *s, const void *buf, size_t len) {
+#ifdef SESSION_TLS
+        if (s->tls)
+                return tls_send(s, buf, len);
+#endif
+        ssize_t n = send(s->client_out, buf, len, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n < 0 && errno == ENOTSOCK)
+                n = write(s->client_out, buf, len);
+        return n < 0 ? -errno : n;
+}
+
+/* Client bytes already read from the socket but not yet returned by
+ * client_recv() (decrypted TLS records): poll() cannot see them. */
+static inline bool client_pending(const Session *s) {
+#ifdef SESSION_TLS
+        if (s->tls)
+                return tls_pending(s);
+#endif
+        (void) s;
+        return false;
+}

@@ -1,0 +1,278 @@
+/*
+ * tls.c -- client TLS for imapproxy-session-tls (GnuTLS, server side).
+ *
+ * SYNOPSIS
+ *	int tls_setup(const Config *cfg);
+ *	int tls_handshake(Session *s);
+ *	ssize_t tls_recv(Session *s, void *buf, size_t len);
+ *	ssize_t tls_send(Session *s, const void *buf, size_t len);
+ *	int tls_write_all(Session *s, const void *buf, size_t len, int timeout_ms);
+ *	bool tls_pending(const Session *s);
+ *	void tls_end(Session *s);
+ * DESCRIPTION
+ *	Built into imapproxy-session-tls only (-DSESSION_TLS); the plaintext
+ *	imapproxy-session never links GnuTLS and execs this program when a
+ *	client says STARTTLS (main.c).
+ *
+ *	tls_setup() runs once per process: the certificate chain and key
+ *	(listen_tls_cert_file, listen_tls_key_file), the priority string
+ *	(listen_tls_priority, default CONFIG_TLS_PRIORITY_DEFAULT: TLS 1.2 and
+ *	1.3, AEAD, forward secrecy) and the session ticket master key. No CA
+ *	is loaded and client certificates are not requested: a session never
+ *	touches the system trust store (design.md section 3: ~15 ms).
+ *
+ *	Resumption across session processes: every session is a new process,
+ *	so a server-side session cache cannot work; tickets can. GnuTLS
+ *	encrypts tickets (TLS 1.3 and 1.2) with keys it derives from one 64-byte
+ *	master key and the current time window (lib/stek.c: the derived key
+ *	changes every ticket lifetime, 6 h by default, and the previous one is
+ *	still accepted), so every process that reads the same master key
+ *	issues and accepts the same tickets. The master key is the file
+ *	listen_tls_ticket_key_file (exactly 64 bytes, e.g. from
+ *	`head -c 64 /dev/urandom`), read at every session start: replacing
+ *	the file (rename(2) over it) rotates it for every new session at once,
+ *	at the cost of one full handshake per client. Without the key, or if
+ *	it cannot be read, a random key per process is used: resumption then
+ *	only works within one fork server.
+ *
+ *	I/O is non-blocking: tls_recv()/tls_send() return -EAGAIN when GnuTLS
+ *	would block (tls_send() must then be called again with the same
+ *	buffer, which the relay does since it only advances on success), and
+ *	tls_pending() says whether decrypted bytes wait above the socket.
+ * SECURITY
+ *	The key file's contents are wiped after use. Handshake failures are
+ *	logged at info level with the client's address and GnuTLS's reason.
+ * ERRORS
+ *	-errno: -EPROTO (TLS error), -ETIMEDOUT, -ECONNRESET (client went
+ *	away), -EINVAL/-ENOENT (configuration), -ENOMEM.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <gnutls/gnutls.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "fd-util.h"
+#include "log.h"
+#include "session.h"
+
+#define TICKET_KEY_SIZE 64
+
+static gnutls_certificate_credentials_t tls_cred;
+static gnutls_priority_t tls_prio;
+static unsigned char tls_ticket_key[TICKET_KEY_SIZE];
+static gnutls_datum_t tls_ticket = { .data = tls_ticket_key, .size = 0 };
+
+static int gnutls_to_errno(int e) {
+        switch (e) {
+        case GNUTLS_E_AGAIN:
+                return -EAGAIN;
+        case GNUTLS_E_INTERRUPTED:
+                return -EINTR;
+        case GNUTLS_E_MEMORY_ERROR:
+                return -ENOMEM;
+        case GNUTLS_E_PUSH_ERROR:
+        case GNUTLS_E_PULL_ERROR:
+        case GNUTLS_E_PREMATURE_TERMINATION:
+                return -ECONNRESET;
+        default:
+                return -EPROTO;
+        }
+}
+
+/* Exactly TICKET_KEY_SIZE bytes, or an error. */
+static int ticket_key_load(const char *path) {
+        int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+        if (fd < 0)
+                return -errno;
+        unsigned char buf[TICKET_KEY_SIZE + 1];
+        size_t got = 0;
+        int r = 0;
+        while (got < sizeof(buf)) {
+                ssize_t n = read(fd, buf + got, sizeof(buf) - got);
+                if (n < 0 && errno == EINTR)
+                        continue;
+                if (n < 0) {
+                        r = -errno;
+                        break;
+                }
+                if (n == 0)
+                        break;
+                got += (size_t) n;
+        }
+        (void) close(fd);
+        if (r == 0 && got != TICKET_KEY_SIZE)
+                r = -EBADMSG;
+        if (r == 0) {
+                memcpy(tls_ticket_key, buf, TICKET_KEY_SIZE);
+                tls_ticket.size = TICKET_KEY_SIZE;
+        }
+        explicit_bzero(buf, sizeof(buf));
+        return r;
+}
+
+int tls_setup(const Config *cfg) {
+        const char *cert = cfg->listen_tls_cert_file;
+        const char *key = cfg->listen_tls_key_file ? cfg->listen_tls_key_file : cert;
+        const char *prio = cfg->listen_tls_priority ? cfg->listen_tls_priority : CONFIG_TLS_PRIORITY_DEFAULT;
+        const char *err_pos = NULL;
+        int r;
+
+        if (!cert)
+                return log_error_errno(-EINVAL, "client TLS needs listen_tls_cert_file in the configuration");
+        r = gnutls_certificate_allocate_credentials(&tls_cred);
+        if (r < 0)
+                return log_error_errno(-ENOMEM, "gnutls_certificate_allocate_credentials: %s", gnutls_strerror(r));
+        r = gnutls_certificate_set_x509_key_file2(tls_cred, cert, key, GNUTLS_X509_FMT_PEM, NULL, 0);
+        if (r < 0)
+                return log_error_errno(-EINVAL, "listen_tls_cert_file %s / listen_tls_key_file %s: %s", cert, key,
+                                       gnutls_strerror(r));
+        r = gnutls_priority_init(&tls_prio, prio, &err_pos);
+        if (r < 0)
+                return log_error_errno(-EINVAL, "listen_tls_priority: %s at '%.40s'", gnutls_strerror(r),
+                                       err_pos ? err_pos : prio);
+
+        if (cfg->listen_tls_ticket_key_file) {
+                r = ticket_key_load(cfg->listen_tls_ticket_key_file);
+                if (r < 0)
+                        log_warning_errno(r, "listen_tls_ticket_key_file %s: %s; TLS sessions will not resume "
+                                             "across session processes",
+                                          cfg->listen_tls_ticket_key_file,
+                                          r == -EBADMSG ? "not exactly 64 bytes" : "%m");
+        }
+        if (tls_ticket.size == 0) {
+                gnutls_datum_t k = { NULL, 0 };
+                r = gnutls_session_ticket_key_generate(&k);
+                if (r < 0 || k.size != TICKET_KEY_SIZE) {
+                        if (r >= 0)
+                                gnutls_free(k.data);
+                        log_warning("no TLS session ticket key: %s", r < 0 ? gnutls_strerror(r) : "odd size");
+                } else {
+                        memcpy(tls_ticket_key, k.data, TICKET_KEY_SIZE);
+                        tls_ticket.size = TICKET_KEY_SIZE;
+                        explicit_bzero(k.data, k.size);
+                        gnutls_free(k.data);
+                }
+        }
+        return 0;
+}
+
+static int tls_wait(const Session *s, gnutls_session_t g, uint64_t deadline_usec) {
+        struct pollfd p;
+        bool out = gnutls_record_get_direction(g) == 1;
+        p.fd = out ? s->client_out : s->client_in;
+        p.events = out ? POLLOUT : POLLIN;
+        for (;;) {
+                uint64_t now = now_usec();
+                if (now >= deadline_usec)
+                        return -ETIMEDOUT;
+                int n = poll(&p, 1, (int) MIN((deadline_usec - now + 999) / 1000, (uint64_t) 3600000));
+                if (n < 0 && errno == EINTR)
+                        continue;
+                if (n < 0)
+                        return -errno;
+                if (n > 0)
+                        return 0;
+        }
+}
+
+int tls_handshake(Session *s) {
+        gnutls_session_t g = NULL;
+        uint64_t deadline = now_usec() + (uint64_t) s->cfg.client_prelogin_timeout * 1000000ULL;
+        int r;
+
+        r = gnutls_init(&g, GNUTLS_SERVER | GNUTLS_NO_SIGNAL);
+        if (r < 0)
+                return log_error_errno(-ENOMEM, "gnutls_init: %s", gnutls_strerror(r));
+        if ((r = gnutls_priority_set(g, tls_prio)) < 0 ||
+            (r = gnutls_credentials_set(g, GNUTLS_CRD_CERTIFICATE, tls_cred)) < 0) {
+                gnutls_deinit(g);
+                return log_error_errno(-EINVAL, "TLS session set-up: %s", gnutls_strerror(r));
+        }
+        gnutls_certificate_server_set_request(g, GNUTLS_CERT_IGNORE);
+        if (tls_ticket.size == TICKET_KEY_SIZE) {
+                r = gnutls_session_ticket_enable_server(g, &tls_ticket);
+                if (r < 0)
+                        log_warning("TLS session tickets off: %s", gnutls_strerror(r));
+        }
+        gnutls_transport_set_int2(g, s->client_in, s->client_out);
+        (void) fd_set_nonblock(s->client_in, true);
+        (void) fd_set_nonblock(s->client_out, true);
+
+        for (;;) {
+                r = gnutls_handshake(g);
+                if (r == GNUTLS_E_SUCCESS)
+                        break;
+                if (r == GNUTLS_E_AGAIN || r == GNUTLS_E_INTERRUPTED) {
+                        int w = tls_wait(s, g, deadline);
+                        if (w < 0) {
+                                log_info_errno(w, "TLS handshake with %s: %m", s->client_addr);
+                                gnutls_deinit(g);
+                                return w;
+                        }
+                        continue;
+                }
+                if (!gnutls_error_is_fatal(r))
+                        continue; /* warning alerts */
+                log_info("TLS handshake with %s failed: %s", s->client_addr, gnutls_strerror(r));
+                gnutls_deinit(g);
+                return gnutls_to_errno(r) == -EAGAIN ? -EPROTO : gnutls_to_errno(r);
+        }
+        s->tls = g;
+        if (log_get_max_level() >= LOG_DEBUG) {
+                char *desc = gnutls_session_get_desc(g);
+                log_debug("TLS with %s: %s%s", s->client_addr, desc ? desc : "?",
+                          gnutls_session_is_resumed(g) ? ", resumed" : "");
+                gnutls_free(desc);
+        }
+        return 0;
+}
+
+ssize_t tls_recv(Session *s, void *buf, size_t len) {
+        ssize_t n = gnutls_record_recv(s->tls, buf, len);
+        if (n >= 0)
+                return n;
+        if (n == GNUTLS_E_REHANDSHAKE || n == GNUTLS_E_WARNING_ALERT_RECEIVED)
+                return -EAGAIN; /* nothing for us; the next poll round reads on */
+        return gnutls_to_errno((int) n);
+}
+
+ssize_t tls_send(Session *s, const void *buf, size_t len) {
+        ssize_t n = gnutls_record_send(s->tls, buf, len);
+        return n >= 0 ? n : gnutls_to_errno((int) n);
+}
+
+int tls_write_all(Session *s, const void *buf, size_t len, int timeout_ms) {
+        const uint8_t *p = buf;
+        uint64_t deadline = timeout_ms < 0 ? UINT64_MAX : now_usec() + (uint64_t) timeout_ms * 1000ULL;
+        while (len > 0) {
+                ssize_t n = gnutls_record_send(s->tls, p, len);
+                if (n == GNUTLS_E_AGAIN || n == GNUTLS_E_INTERRUPTED) {
+                        int w = tls_wait(s, s->tls, deadline);
+                        if (w < 0)
+                                return w;
+                        continue; /* GnuTLS wants the same buffer again */
+                }
+                if (n < 0)
+                        return gnutls_to_errno((int) n);
+                p += n;
+                len -= (size_t) n;
+        }
+        return 0;
+}
+
+bool tls_pending(const Session *s) {
+        return gnutls_record_check_pending(s->tls) > 0;
+}
+
+void tls_end(Session *s) {
+        if (!s->tls)
+                return;
+        /* close_notify, best effort: the client may be gone. */
+        (void) gnutls_bye(s->tls, GNUTLS_SHUT_WR);
+        gnutls_deinit(s->tls);
+        s->tls = NULL;
+}
