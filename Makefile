@@ -201,6 +201,8 @@ install: all
 	install -Dm0644 units/imapproxy.sysusers $(DESTDIR)$(prefix)/lib/sysusers.d/imapproxy.conf
 	sed -e 's|/usr/local/libexec|$(libexecdir)|g' -e 's|/etc/imapproxy.conf|$(sysconfdir)/imapproxy.conf|g' \
 	    units/xinetd/imapproxy > $(DESTDIR)$(docdir)/xinetd.imapproxy
+	sed -e 's|/usr/local/libexec|$(libexecdir)|g' -e 's|/etc/imapproxy.conf|$(sysconfdir)/imapproxy.conf|g' \
+	    units/xinetd/imapproxy-tls > $(DESTDIR)$(docdir)/xinetd.imapproxy-tls
 
 # Benchmark (bench/README.md): the load generator, and the libc-only greeter
 # that the session's exec-to-greeting latency is compared with, built twice:

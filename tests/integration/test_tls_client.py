@@ -1,0 +1,447 @@
+#!/usr/bin/env python3
+"""Client TLS integration tests: STARTTLS on the plain listener and implicit TLS
+(993-style) terminated in the session, in front of the broker and a private
+Dovecot, with a CA and server certificate made by certtool for the test.
+Run through tests/integration/run.py.
+
+  - STARTTLS with imaplib (socket activation, --inetd): advertised only with a
+    certificate, capabilities asked again after the handshake show no STARTTLS
+    and the proxy's AUTH= mechanisms, a second STARTTLS is refused, logins go
+    through to Dovecot and the second one reuses the pooled connection;
+  - implicit TLS with imaplib.IMAP4_SSL against imapproxy-session-tls on
+    LISTEN_FDS fd 3, and against `imapproxy-session --implicit-tls` (inetd);
+  - curl imaps:// and curl --ssl-reqd imap:// (STARTTLS) fetch a message;
+  - login_requires_tls: LOGINDISABLED and no AUTH= before TLS, LOGIN and
+    AUTHENTICATE refused with NO [PRIVACYREQUIRED] (Dovecot sees nothing),
+    accepted after STARTTLS;
+  - no certificate: no STARTTLS in the capabilities, STARTTLS gets BAD;
+  - the STARTTLS command injection: "a STARTTLS\\r\\nb LOGIN ..." in one write,
+    b is never executed (no answer to b, no Dovecot login, still not logged in
+    after the handshake);
+  - resumption across two session processes (Python ssl session=, TLS 1.3 and
+    1.2), and its control: without listen_tls_ticket_key_file each process has
+    its own key and nothing resumes;
+  - a 3 MB message APPENDed and FETCHed back through client TLS, intact.
+"""
+
+import hashlib
+import imaplib
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from imapfixture import (SESSION, SOCKET_ACTIVATE, Dovecot, Proxy, RawClient,  # noqa: E402
+                         _Proc, free_port, tcp_listening, wait_until, FixtureError)
+
+SESSION_TLS = os.environ.get('IMAPPROXY_SESSION_TLS') or os.path.join(
+    os.path.dirname(SESSION), 'imapproxy-session-tls')
+CERTTOOL = shutil.which('certtool') or '/usr/bin/certtool'
+CURL = shutil.which('curl') or '/usr/bin/curl'
+MESSAGES = 3
+
+
+def tail(text, n=40):
+    return '\n'.join(text.splitlines()[-n:])
+
+
+def make_pki(d):
+    """A CA and a server certificate for 127.0.0.1/localhost (ECDSA), made by
+    certtool; returns (ca, cert, key) paths."""
+    def tool(*args):
+        r = subprocess.run([CERTTOOL] + list(args), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, timeout=60)
+        if r.returncode != 0:
+            raise FixtureError('certtool %s: %s' % (' '.join(args), r.stdout.decode(errors='replace')))
+    p = lambda n: os.path.join(d, n)  # noqa: E731
+    with open(p('ca.tmpl'), 'w') as f:
+        f.write('cn = "imapproxy test CA"\nca\ncert_signing_key\nexpiration_days = 2\n')
+    with open(p('srv.tmpl'), 'w') as f:
+        f.write('cn = "localhost"\ndns_name = "localhost"\nip_address = "127.0.0.1"\n'
+                'tls_www_server\nsigning_key\nencryption_key\nexpiration_days = 2\n')
+    tool('--generate-privkey', '--key-type=ecdsa', '--outfile', p('ca.key'))
+    tool('--generate-self-signed', '--load-privkey', p('ca.key'), '--template', p('ca.tmpl'),
+         '--outfile', p('ca.pem'))
+    tool('--generate-privkey', '--key-type=ecdsa', '--outfile', p('srv.key'))
+    tool('--generate-certificate', '--load-privkey', p('srv.key'), '--load-ca-certificate',
+         p('ca.pem'), '--load-ca-privkey', p('ca.key'), '--template', p('srv.tmpl'),
+         '--outfile', p('srv.pem'))
+    os.chmod(p('srv.key'), 0o644)  # the test's key; read by sessions that may run as another user
+    return p('ca.pem'), p('srv.pem'), p('srv.key')
+
+
+class TlsClientTest(unittest.TestCase):
+    USERS = {'alice': 'pw', 'bob': 'bobpw'}
+    _tmpdirs = []
+
+    @classmethod
+    def setUpClass(cls):
+        cls.pki = tempfile.mkdtemp(prefix='imapproxy-pki-')
+        os.chmod(cls.pki, 0o755)
+        cls.ca, cls.cert, cls.key = make_pki(cls.pki)
+        cls.ticket_key = os.path.join(cls.pki, 'ticket.key')
+        with open(cls.ticket_key, 'wb') as f:
+            f.write(os.urandom(64))
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.pki, ignore_errors=True)
+        for d in TlsClientTest._tmpdirs:
+            shutil.rmtree(d, ignore_errors=True)
+        TlsClientTest._tmpdirs.clear()
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix='imapproxy-tls-')
+        TlsClientTest._tmpdirs.append(self.tmp)
+        self.px = None
+        self.procs = []
+        self.raws = []
+        self.socks = []
+        self.imaps = []
+        self.dc = Dovecot(self.tmp, users=self.USERS, messages=MESSAGES)
+
+    def tearDown(self):
+        for r in self.raws:
+            r.close()
+        for s in self.socks:
+            try:
+                s.close()
+            except OSError:
+                pass
+        for m in self.imaps:
+            try:
+                m.shutdown()
+            except OSError:
+                pass
+        for p in self.procs:
+            p.stop(signal.SIGTERM, 5.0)
+        rcs = self.px.stop() if self.px else {}
+        self.dc.stop()
+        crashes = self.px.crash_report() if self.px else []
+        for p in self.procs:
+            crashes += [l for l in p.log().splitlines()
+                        if re.search(r'AddressSanitizer|runtime error:|Segmentation fault|'
+                                     r'died with code (4|6|7|8|11|31)$', l)]
+        self.assertEqual(crashes, [], 'crash or sanitizer report in the proxy logs')
+        if self.px and self.px.broker:
+            self.assertEqual(rcs.get('broker'), 0, 'broker exit status after SIGTERM')
+
+    def diagnostics(self):
+        out = []
+        if self.px:
+            out.append('broker log:\n%s' % tail(self.px.broker_log()))
+            out.append('session/listener log:\n%s' % tail(self.px.listener_log()))
+        for p in self.procs:
+            out.append('%s log:\n%s' % (p.name, tail(p.log())))
+        out.append('dovecot log:\n%s' % tail(self.dc.log()))
+        for r in self.raws:
+            out.append('raw transcript:\n%s' % r.dump())
+        return '\n'.join(out)
+
+    # -- set-up helpers
+
+    def tls_conf(self, **extra):
+        conf = {'listen_tls_cert_file': self.cert, 'listen_tls_key_file': self.key,
+                'listen_tls_ticket_key_file': self.ticket_key, 'login_failure_delay': 0}
+        conf.update(extra)
+        return conf
+
+    def proxy(self, **conf):
+        """Broker + systemd-socket-activate -a --inetd imapproxy-session (STARTTLS)."""
+        self.px = Proxy(self.tmp, self.dc, **conf)
+        return self.px
+
+    def implicit_listener(self, name='implicit', fd3=True, program=None, args=()):
+        """systemd-socket-activate -a [--inetd] running the TLS session directly
+        (imapproxy-session-tls, LISTEN_FDS fd 3 by default): port 993's set-up."""
+        program = program or SESSION_TLS
+        for _ in range(5):
+            port = free_port()
+            argv = [SOCKET_ACTIVATE, '-l', '127.0.0.1:%d' % port, '-a']
+            if not fd3:
+                argv.append('--inetd')
+            argv += [os.path.abspath(program)] + list(args) + ['-f', self.px.conf_path]
+            p = _Proc(argv, os.path.join(self.tmp, '%s-%d.log' % (name, port)), name)
+            self.procs.append(p)
+            try:
+                wait_until(lambda: tcp_listening(port) or not p.alive(), 10.0, what='listener on %d' % port)
+            except FixtureError:
+                p.stop()
+                raise
+            if p.alive():
+                return port, p
+            p.stop()
+        raise FixtureError('no implicit-TLS listener')
+
+    def ctx(self, maxver=None):
+        c = ssl.create_default_context(cafile=self.ca)
+        if maxver:
+            c.maximum_version = maxver
+        return c
+
+    def starttls_client(self, port, ctx=None):
+        m = imaplib.IMAP4('127.0.0.1', port, timeout=10)
+        self.imaps.append(m)
+        before = [c.upper() for c in m.capabilities]
+        typ, data = m.starttls(ssl_context=ctx or self.ctx())  # asks CAPABILITY again
+        self.assertEqual(typ, 'OK', data)
+        return m, before
+
+    def ssl_client(self, port, ctx=None):
+        m = imaplib.IMAP4_SSL('127.0.0.1', port, ssl_context=ctx or self.ctx(), timeout=10)
+        self.imaps.append(m)
+        return m
+
+    def login_select_logout(self, m, user='alice'):
+        typ, data = m.login(user, self.USERS[user])
+        self.assertEqual(typ, 'OK', data)
+        reused = 'XPROXYREUSE' in m.untagged_responses
+        typ, data = m.select('INBOX')
+        self.assertEqual(typ, 'OK', data)
+        self.assertEqual(int(data[0]), MESSAGES)
+        typ, data = m.fetch('1', '(BODY.PEEK[HEADER.FIELDS (SUBJECT)])')
+        self.assertEqual(typ, 'OK', data)
+        self.assertIn(b'Test message 1', data[0][1])
+        typ, data = m.logout()
+        self.assertEqual(typ, 'BYE', data)
+        self.imaps.remove(m)
+        return reused
+
+    def spawned_pids(self, log):
+        return [int(x) for x in re.findall(r'Spawned .* as PID (\d+)', log)]
+
+    # -- tests
+
+    def test_t1_starttls_login_and_reuse(self):
+        """STARTTLS (imaplib, socket activation --inetd): advertised with a
+        certificate; after the handshake CAPABILITY shows no STARTTLS but the
+        AUTH= mechanisms; a second STARTTLS gets BAD; two logins through to Dovecot,
+        the second reuses the pooled connection."""
+        self.proxy(**self.tls_conf())
+        for i in range(2):
+            m, before = self.starttls_client(self.px.port)
+            self.assertIn('STARTTLS', before)
+            self.assertIn('AUTH=PLAIN', before)
+            after = [c.upper() for c in m.capabilities]
+            self.assertNotIn('STARTTLS', after, 'STARTTLS offered again after the handshake')
+            self.assertIn('AUTH=PLAIN', after)
+            self.assertIn('XIMAPPROXY', after)
+            self.assertIn(m.sock.version(), ('TLSv1.3', 'TLSv1.2'))
+            with self.assertRaisesRegex(imaplib.IMAP4.error, r'STARTTLS command error: BAD'):
+                m._simple_command('STARTTLS')
+            self.assertEqual(self.login_select_logout(m), i == 1,
+                             'XPROXYREUSE on login %d' % (i + 1))
+        self.assertEqual(self.dc.logins('alice'), 1, 'one backend login for two client logins')
+
+    def test_t2_implicit_tls_fd3_and_flag(self):
+        """Implicit TLS: imapproxy-session-tls on LISTEN_FDS fd 3, and the plaintext
+        program with --implicit-tls under --inetd (it execs the TLS program); the
+        greeting comes over TLS without STARTTLS; logins reuse the pool."""
+        self.proxy(**self.tls_conf())
+        p_tls, _ = self.implicit_listener('implicit-fd3')
+        p_flag, _ = self.implicit_listener('implicit-flag', fd3=False, program=SESSION,
+                                           args=['--implicit-tls'])
+        seen = []
+        for port in (p_tls, p_flag, p_tls):
+            m = self.ssl_client(port)
+            caps = [c.upper() for c in m.capabilities]
+            self.assertNotIn('STARTTLS', caps)
+            self.assertIn('AUTH=PLAIN', caps)
+            seen.append(self.login_select_logout(m, 'bob'))
+        self.assertEqual(seen, [False, True, True], 'XPROXYREUSE per login')
+        self.assertEqual(self.dc.logins('bob'), 1)
+
+    def test_t3_curl_imaps_and_starttls(self):
+        """curl imaps:// (implicit TLS) and curl --ssl-reqd imap:// (STARTTLS) fetch
+        message 1 through the proxy; one Dovecot login serves both."""
+        self.proxy(**self.tls_conf())
+        p_tls, _ = self.implicit_listener()
+        for url, extra in (('imaps://127.0.0.1:%d/INBOX;UID=1' % p_tls, []),
+                           ('imap://127.0.0.1:%d/INBOX;UID=1' % self.px.port, ['--ssl-reqd'])):
+            r = subprocess.run([CURL, '-sS', '--max-time', '20', '--cacert', self.ca,
+                                '-u', 'alice:pw'] + extra + [url],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+            self.assertEqual(r.returncode, 0, '%s: %s' % (url, r.stderr.decode(errors='replace')))
+            self.assertIn(b'Subject: Test message 1 for alice', r.stdout, url)
+        # curl closes without LOGOUT: the connection may or may not be pooled;
+        # what matters is that both transfers went through the proxy.
+        self.assertGreaterEqual(self.dc.logins('alice'), 1)
+        self.assertEqual(len(self.spawned_pids(self.procs[0].log())), 1, 'imaps:// went to the TLS listener')
+
+    def test_t4_login_requires_tls(self):
+        """login_requires_tls: before TLS, LOGINDISABLED and STARTTLS, no AUTH=;
+        LOGIN and AUTHENTICATE get NO [PRIVACYREQUIRED] and reach nobody; after
+        STARTTLS the login works."""
+        self.proxy(**self.tls_conf(login_requires_tls='yes'))
+        r = RawClient(self.px.port)
+        self.raws.append(r)
+        caps = r.greeting.decode().upper()
+        self.assertIn('LOGINDISABLED', caps)
+        self.assertIn('STARTTLS', caps)
+        self.assertNotIn('AUTH=', caps)
+        _, t = r.command('a1', 'LOGIN alice pw')
+        self.assertRegex(t, rb'^a1 NO \[PRIVACYREQUIRED\]')
+        _, t = r.command('a2', 'AUTHENTICATE PLAIN AGFsaWNlAHB3')
+        self.assertRegex(t, rb'^a2 NO \[PRIVACYREQUIRED\]')
+        u, t = r.command('a3', 'CAPABILITY')
+        self.assertIn(b'LOGINDISABLED', b''.join(u))
+        self.assertEqual(self.dc.logins(), 0, 'a refused login reached Dovecot')
+        m, before = self.starttls_client(self.px.port)
+        self.assertIn('LOGINDISABLED', before)
+        after = [c.upper() for c in m.capabilities]
+        self.assertNotIn('LOGINDISABLED', after)
+        self.assertIn('AUTH=PLAIN', after)
+        self.login_select_logout(m)
+        self.assertEqual(self.dc.logins('alice'), 1)
+        # implicit TLS counts as TLS
+        p_tls, _ = self.implicit_listener()
+        m = self.ssl_client(p_tls)
+        self.assertNotIn('LOGINDISABLED', [c.upper() for c in m.capabilities])
+        self.assertTrue(self.login_select_logout(m), 'reuse over implicit TLS')
+
+    def test_t5_no_certificate_no_starttls(self):
+        """Without listen_tls_cert_file STARTTLS is neither advertised nor accepted."""
+        self.proxy()
+        r = RawClient(self.px.port)
+        self.raws.append(r)
+        self.assertNotIn(b'STARTTLS', r.greeting.upper())
+        u, t = r.command('a1', 'CAPABILITY')
+        self.assertNotIn(b'STARTTLS', b''.join(u).upper())
+        self.assertRegex(t, rb'^a1 OK')
+        _, t = r.command('a2', 'STARTTLS')
+        self.assertRegex(t, rb'^a2 BAD')
+        _, t = r.command('a3', 'LOGIN alice pw')  # the plain session goes on working
+        self.assertRegex(t, rb'^a3 OK')
+
+    def test_t6_starttls_injection(self):
+        """"a STARTTLS\\r\\nb LOGIN alice pw\\r\\n" in one write: a gets OK, b is
+        dropped: after the handshake nothing answers b, the session is still not
+        logged in, and Dovecot saw no login."""
+        self.proxy(**self.tls_conf())
+        sock = socket.create_connection(('127.0.0.1', self.px.port), timeout=10)
+        self.socks.append(sock)
+        f = b''
+        while b'\r\n' not in f:
+            chunk = sock.recv(4096)
+            self.assertTrue(chunk, 'greeting')
+            f += chunk
+        sock.sendall(b'a STARTTLS\r\nb LOGIN alice pw\r\nc NOOP\r\n')
+        got = b''
+        while b'\r\n' not in got:  # exactly the tagged OK, nothing after it in the clear
+            chunk = sock.recv(1)
+            self.assertTrue(chunk, 'answer to STARTTLS')
+            got += chunk
+        self.assertRegex(got, rb'^a OK')
+        tls = self.ctx().wrap_socket(sock, server_hostname='127.0.0.1')
+        self.socks.append(tls)
+        tls.sendall(b'd CAPABILITY\r\ne SELECT INBOX\r\nf NOOP\r\n')
+        data = b''
+        deadline = time.monotonic() + 10
+        while not re.search(rb'(?m)^f ', data) and time.monotonic() < deadline:
+            try:
+                chunk = tls.recv(65536)
+            except socket.timeout:
+                break
+            if not chunk:
+                break
+            data += chunk
+        time.sleep(0.3)  # a late answer to b would show up too
+        tls.settimeout(0.3)
+        try:
+            data += tls.recv(65536)
+        except (socket.timeout, ssl.SSLError, OSError):
+            pass
+        self.assertNotRegex(data, rb'(?m)^[bc] ', 'an injected command was executed:\n%r' % data)
+        self.assertRegex(data, rb'(?m)^d OK')
+        self.assertRegex(data, rb'AUTH=PLAIN', 'still before login: pre-login capabilities')
+        self.assertRegex(data, rb'(?m)^e BAD', 'SELECT must fail: not logged in')
+        self.assertRegex(data, rb'(?m)^f OK')
+        self.assertEqual(self.dc.logins(), 0, 'the injected LOGIN reached Dovecot')
+
+    def resume_pair(self, port, ctx, starttls=False):
+        """Two connections, each served by a new session process; returns
+        (first reused, second reused). The second offers the first's session."""
+        def connect(session=None):
+            sock = socket.create_connection(('127.0.0.1', port), timeout=10)
+            self.socks.append(sock)
+            if starttls:
+                r = sock.recv(4096)
+                self.assertTrue(r.startswith(b'* OK'), r)
+                sock.sendall(b's STARTTLS\r\n')
+                self.assertTrue(sock.recv(4096).startswith(b's OK'))
+            tls = ctx.wrap_socket(sock, server_hostname='127.0.0.1', session=session)
+            self.socks.append(tls)
+            # A command round trip: TLS 1.3 tickets arrive after the handshake.
+            buf = b''
+            if not starttls:
+                while b'\r\n' not in buf:
+                    buf += tls.recv(4096)
+            tls.sendall(b'n NOOP\r\n')
+            buf = b''
+            while not re.search(rb'(?m)^n OK', buf):
+                chunk = tls.recv(4096)
+                self.assertTrue(chunk)
+                buf += chunk
+            out = (tls.session, tls.session_reused)
+            tls.sendall(b'z LOGOUT\r\n')
+            tls.close()
+            return out
+        sess, r1 = connect()
+        _, r2 = connect(sess)
+        return r1, r2
+
+    def test_t7_resumption_across_processes(self):
+        """TLS resumption between two session processes (listen_tls_ticket_key_file):
+        implicit TLS 1.3 and 1.2, and STARTTLS; control: without the key file each
+        process has its own ticket key and nothing resumes."""
+        self.proxy(**self.tls_conf())
+        p_tls, proc = self.implicit_listener()
+        self.assertEqual(self.resume_pair(p_tls, self.ctx()), (False, True), 'TLS 1.3 implicit')
+        self.assertEqual(self.resume_pair(p_tls, self.ctx(ssl.TLSVersion.TLSv1_2)), (False, True),
+                         'TLS 1.2 implicit')
+        self.assertEqual(self.resume_pair(self.px.port, self.ctx(), starttls=True), (False, True),
+                         'TLS 1.3 after STARTTLS')
+        pids = wait_until(lambda: len(self.spawned_pids(proc.log())) >= 4 and self.spawned_pids(proc.log()),
+                          5.0, what='4 spawned sessions')
+        self.assertEqual(len(set(pids)), len(pids), 'each connection had its own session process')
+        # Control: no shared key -> no resumption across processes.
+        self.px.settings.pop('listen_tls_ticket_key_file')
+        self.px.write_conf()
+        self.assertEqual(self.resume_pair(p_tls, self.ctx()), (False, False),
+                         'resumed without a shared ticket key?')
+
+    def test_t8_large_message_through_tls(self):
+        """A 3 MB message APPENDed through client TLS and FETCHed back intact
+        (both directions: the relay reads and writes many TLS records)."""
+        self.proxy(**self.tls_conf())
+        p_tls, _ = self.implicit_listener()
+        line = b'0123456789abcdefghijklmnopqrstuvwxyz' * 2 + b'\r\n'
+        body = (b'From: big@example.org\r\nSubject: big one\r\n\r\n' +
+                line * (3 * 1024 * 1024 // len(line)))
+        digest = hashlib.sha256(body).hexdigest()
+        m = self.ssl_client(p_tls)
+        self.assertEqual(m.login('alice', 'pw')[0], 'OK')
+        typ, data = m.append('INBOX', None, None, body)
+        self.assertEqual(typ, 'OK', data)
+        self.assertEqual(m.select('INBOX')[0], 'OK')
+        typ, data = m.fetch(str(MESSAGES + 1), '(BODY.PEEK[])')
+        self.assertEqual(typ, 'OK')
+        got = data[0][1]
+        self.assertEqual(len(got), len(body))
+        self.assertEqual(hashlib.sha256(got).hexdigest(), digest)
+        typ, _ = m.noop()
+        self.assertEqual(typ, 'OK')
+        m.logout()
+        self.imaps.remove(m)
+
+
+if __name__ == '__main__':
+    unittest.main()
