@@ -231,7 +231,12 @@ static const char all_keys[] =
         "client_idle_timeout 86400\n"
         "max_prelogin_line 16K\n"
         "max_command_line 1M\n"
-        "max_literal_size 2G\n";
+        "max_literal_size 2G\n"
+        "listen_tls_cert_file /etc/imapproxy/tls/cert.pem\n"
+        "listen_tls_key_file /etc/imapproxy/tls/key.pem\n"
+        "listen_tls_priority SECURE256:-VERS-ALL:+VERS-TLS1.3\n"
+        "listen_tls_ticket_key_file /etc/imapproxy/tls/ticket.key\n"
+        "login_requires_tls yes\n";
 
 Test(config, every_key_parses) {
         Config *c = &L.c;
@@ -892,7 +897,8 @@ Test(config, dump_lists_every_key) {
                 "client_prelogin_timeout", "client_idle_timeout", "backend_response_timeout", "backend_link_timeout",
                 "max_prelogin_line",
                 "max_command_line", "max_literal_size", "login_max_failures", "login_failure_delay",
-                "forward_client_id", "max_idle_per_user",
+                "forward_client_id", "max_idle_per_user", "listen_tls_cert_file", "listen_tls_key_file",
+                "listen_tls_priority", "listen_tls_ticket_key_file", "login_requires_tls",
         };
         char *d = dump_to_string(&L.c), *nl;
         size_t lines = 0;
@@ -915,6 +921,26 @@ Test(config, dump_lists_every_key) {
         cr_expect(strstr(d, "\nbroker_socket /run/imapproxy/broker.sock\n"), "%s", d);
         cr_expect(strstr(d, "\nmax_literal_size 1073741824\n"), "%s", d);
         free(d);
+}
+
+Test(config, client_tls_keys) {
+        cr_expect_null(L.c.listen_tls_cert_file);
+        cr_expect_null(L.c.listen_tls_priority);
+        cr_expect_not(L.c.login_requires_tls);
+        cr_assert_eq(load("listen_tls_cert_file /etc/imapproxy/cert.pem\n"
+                          "listen_tls_key_file /etc/imapproxy/key.pem\n"
+                          "listen_tls_priority NORMAL:-VERS-ALL:+VERS-TLS1.3\n"
+                          "listen_tls_ticket_key_file /etc/imapproxy/ticket.key\n"
+                          "login_requires_tls yes\n"), 0, "%s", L.err);
+        cr_expect_eq(L.w.n, 0, "client TLS keys are applied, not warned about: %s", L.w.msg[0]);
+        cr_expect_str_eq(L.c.listen_tls_cert_file, "/etc/imapproxy/cert.pem");
+        cr_expect_str_eq(L.c.listen_tls_key_file, "/etc/imapproxy/key.pem");
+        cr_expect_str_eq(L.c.listen_tls_priority, "NORMAL:-VERS-ALL:+VERS-TLS1.3");
+        cr_expect_str_eq(L.c.listen_tls_ticket_key_file, "/etc/imapproxy/ticket.key");
+        cr_expect(L.c.login_requires_tls);
+        expect_error("login_requires_tls maybe\n",
+                     "t.conf:1: login_requires_tls: invalid value 'maybe': expected yes or no (also y/n, "
+                     "true/false, on/off, 1/0)");
 }
 
 Test(config, dump_of_a_full_config_loads_back) {
