@@ -88,6 +88,7 @@ typedef struct Relay {
         char local_reply[TAG_TRACK_MAX + 128]; /* our answer to a client command, sent at a line boundary */
 
         bool client_reading, client_alive, backend_open;
+        bool backend_hup;              /* poll said POLLERR/POLLHUP: read it once sbuf is free */
         bool server_scan_ok;
         bool selected;                 /* a mailbox may be selected */
         bool tainted;                  /* never reuse */
@@ -696,11 +697,14 @@ int relay_run(Session *s) {
                         (void) fd_set_nonblock(s->client_out, true);
                         r->local_reply[0] = '\0';
                 }
+                bool backend_can_read = r->backend_open && r->sscan == r->slen && r->ssent >= r->sfwd;
+                /* An error or hang-up is reported whatever we ask for: while the
+                 * client still has to take what we hold, leave the backend out of
+                 * poll() or it would wake us at once, again and again. */
                 struct pollfd p[2] = {
                         { .fd = s->client_in, .events = 0 },
-                        { .fd = s->backend_fd, .events = 0 },
+                        { .fd = r->backend_hup && !backend_can_read ? -1 : s->backend_fd, .events = 0 },
                 };
-                bool backend_can_read = r->backend_open && r->sscan == r->slen && r->ssent >= r->sfwd;
                 if (r->phase == RELAY_ACTIVE && r->client_reading && r->clen < r->ccap)
                         p[0].events |= POLLIN;
                 if (r->client_alive && r->ssent < r->sfwd)
@@ -768,6 +772,8 @@ int relay_run(Session *s) {
                         }
                         continue;
                 }
+                if (p[1].revents & (POLLHUP | POLLERR))
+                        r->backend_hup = true;
                 if (p[1].revents & (POLLIN | POLLHUP | POLLERR))
                         backend_read(r);
                 if (p[1].revents & POLLOUT)
