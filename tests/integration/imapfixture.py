@@ -902,6 +902,14 @@ def session_pid_for(listener, sock, timeout=5.0):
     return wait_until(find, timeout, 0.02, 'the session of client port %d' % lport)
 
 
+def proc_cpu_seconds(pid):
+    """User + system CPU time a process has used so far."""
+    with open('/proc/%d/stat' % pid) as f:
+        stat = f.read()
+    fields = stat[stat.rfind(')') + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
 def proc_rss_kb(pid):
     with open('/proc/%d/status' % pid) as f:
         for line in f:

@@ -32,7 +32,8 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from imapfixture import (Dovecot, FakeBackend, FixtureError, NetNS, Proxy, RawClient,  # noqa: E402
-                         children_of, fd_report, imap_login, netns_available, proc_fds,
+                         children_of, fd_report, imap_login, netns_available, proc_cpu_seconds,
+                         proc_fds,
                          proc_rss_kb, session_pid_for, tcp_fds, wait_until)
 
 MESSAGES = 5
@@ -600,6 +601,38 @@ class LinkCut(FaultTest):
         dt = self.assertEndsCleanly(busy, 3, 'lent, command outstanding, RST')
         self.after_heal('alice')
         print('    [d4] lent connection behind RST: client closed after %.1fs' % dt)
+
+    def test_d5_lent_reset_while_client_reads_nothing(self):
+        """The link resets in the middle of a 16 MB FETCH the client is not reading:
+        the session waits for its client without spinning, then delivers what it
+        holds and a BYE."""
+        big = b'Subject: big\r\n\r\n' + b'z' * (16 << 20) + b'\r\n'
+        m = imaplib.IMAP4(self.dc.address, self.dc.port, timeout=20)
+        m.login('alice', self.USERS['alice'])
+        m.append('INBOX', None, None, big)
+        m.logout()
+        r = self.rawc(timeout=10)
+        self.assertLoginOK(r, 'alice')
+        _, t = r.command('S', 'SELECT INBOX')
+        self.assertRegex(t, rb'^S OK ', r.dump())
+        spid = session_pid_for(self.px.listener, r.sock)
+        r.send('F FETCH %d BODY.PEEK[]\r\n' % (MESSAGES + 1))
+        self.assertRegex(r.readline(timeout=10), rb'^\* %d FETCH ' % (MESSAGES + 1))
+        time.sleep(0.5)      # buffers full both ways: the session waits for the client
+        self.ns.cut(self.dc.port, 'reset')
+        time.sleep(LINK_TIMEOUT + 1)
+        t0, cpu0 = time.monotonic(), proc_cpu_seconds(spid)
+        time.sleep(2)
+        cpu = proc_cpu_seconds(spid) - cpu0
+        self.assertLess(cpu, 0.3, 'the session burnt %.2f s of CPU in %.1f s waiting for its client'
+                        % (cpu, time.monotonic() - t0))
+        try:
+            data = r.read_until_close(timeout=15)
+        except socket.timeout:
+            self.fail('the client was not disconnected after the link reset')
+        self.assertRegex(data, rb'\* BYE [^\r\n]*\r\n\Z')
+        self.after_heal('alice')
+        print('    [d5] session CPU while its client read nothing after the reset: %.2fs in 2s' % cpu)
 
 
 # ====================================================================== hostile backends
