@@ -655,8 +655,9 @@ class BadBackend(FaultTest):
                          backend_response_timeout=3)
         self.wait_probe()
         self.broker_pid = self.px.broker.pid
+        self.base_fds = fd_report(self.broker_pid, self.fake.port)['other']
 
-    def serves_others(self, user='bob'):
+    def serves_others(self, user='bob', check_fds=True):
         self.assertTrue(self.px.broker.alive(), 'the broker died')
         self.assertEqual(self.px.broker.pid, self.broker_pid)
         r = self.rawc(timeout=10)
@@ -666,6 +667,17 @@ class BadBackend(FaultTest):
         _, t = r.command('Z', 'LOGOUT')
         self.assertRegex(t, rb'^Z OK ', r.dump())
         self.assertLess(proc_rss_kb(self.px.broker.pid), 64 * 1024, 'broker RSS')
+        if check_fds:
+            self.no_fd_left()
+
+    def no_fd_left(self):
+        """No broker descriptor left behind by the faults once every client has gone."""
+        for c in self.raw:
+            c.close()
+        wait_until(lambda: children_of(self.px.listener.pid) == [], 5, what='sessions to end')
+        wait_until(lambda: fd_report(self.broker_pid, self.fake.port)['other'] == self.base_fds, 3,
+                   what='broker descriptors besides backend connections back to %d (now %r)'
+                   % (self.base_fds, fd_report(self.broker_pid, self.fake.port)))
 
     def fault_login(self, behaviour, user='alice', within=3 + 3):
         """LOGIN through the next (faulty) backend connection: a clean NO [UNAVAILABLE]."""
@@ -694,7 +706,7 @@ class BadBackend(FaultTest):
         t.start()
         self.fake.wait_conns(2)     # probe + the stalled one
         t0 = time.monotonic()
-        self.serves_others()
+        self.serves_others(check_fds=False)
         dt_other = time.monotonic() - t0
         t.join(15)
         if 'e' in result:
@@ -703,7 +715,29 @@ class BadBackend(FaultTest):
         self.assertGreaterEqual(dt, 2.5, 'refused before backend_timeout: %.1fs' % dt)
         wait_until(lambda: conn.closed_by_peer_at, 3, what='the broker to close the stalled connection')
         self.assertLess(dt_other, 2.5, 'the other login waited for the stalled one')
+        self.no_fd_left()
         print('    [e1] stalled backend: NO after %.1fs; concurrent login took %.1fs' % (dt, dt_other))
+
+    def test_e1b_session_killed_while_backend_stalls(self):
+        """The session waiting for a login on a stalled backend is killed: the broker
+        gives up that backend connection at once, not after backend_timeout."""
+        seen = []
+
+        def fn(c):
+            seen.append(c)
+            c.send(GREETING)
+            c.wait_closed(30)
+        self.fake.push(fn)
+        r = self.rawc(timeout=10)
+        r.send('L LOGIN alice pw\r\n')
+        wait_until(lambda: seen and b'LOGIN' in seen[0].received, 5, what='LOGIN at the fake backend')
+        spid = session_pid_for(self.px.listener, r.sock)
+        t0 = time.monotonic()
+        os.kill(spid, signal.SIGKILL)
+        wait_until(lambda: seen[0].closed_by_peer_at, 2, what='the broker to close the abandoned login')
+        print('    [e1b] abandoned backend login closed %.2fs after the session died'
+              % (seen[0].closed_by_peer_at - t0))
+        self.serves_others()
 
     def test_e2_stall_after_greeting(self):
         def fn(c):
