@@ -8,7 +8,14 @@
  * DESCRIPTION
  *	One job per new connection, an explicit state machine driven by the
  *	event loop (never blocking it):
- *	  RESOLVE -> CONNECT -> GREETING [-> CAPA_PRE] [-> PREAUTH] [-> ID] -> LOGIN [-> CAPA_POST]
+ *	  RESOLVE -> CONNECT [-> TLS] -> GREETING [-> CAPA_PRE] [-> STARTTLS -> TLS -> CAPA_PRE]
+ *	          [-> PREAUTH] [-> ID] -> LOGIN [-> CAPA_POST]
+ *	TLS comes right after CONNECT with server_tls implicit; STARTTLS
+ *	follows tls_policy_next() (server_tls starttls, or a server saying
+ *	LOGINDISABLED): the capabilities are asked for again under TLS, and
+ *	only those are used and published. A TLS connection is handed over
+ *	as one end of the relay's socketpair (tls.c), so that the pool and the
+ *	session see it like a plain one.
  *	The name is resolved for every new connection (IPv4 and IPv6, or as
  *	ipversion_only says), each address is tried in turn (rotated with
  *	dns_rr), each phase has backend_timeout. LOGIN sends user and password
@@ -38,16 +45,19 @@
 #include "capability.h"
 #include "fd-util.h"
 #include "log.h"
+#include "tls-policy.h"
 
-#define BACKEND_INBUF 8192
+#define BACKEND_INBUF 16384 /* one TLS record */
 #define BACKEND_MAX_LINE 65536
 #define LOGIN_SYNC_MAX 2
 
 typedef enum BackendPhase {
         PHASE_RESOLVE,
         PHASE_CONNECT,
+        PHASE_TLS,
         PHASE_GREETING,
         PHASE_CAPA_PRE,
+        PHASE_STARTTLS,
         PHASE_PREAUTH,
         PHASE_ID,
         PHASE_LOGIN,
@@ -58,6 +68,7 @@ typedef enum BackendPhase {
 
 static const char *const phase_names[_PHASE_MAX] = {
         [PHASE_RESOLVE] = "resolve",    [PHASE_CONNECT] = "connect",     [PHASE_GREETING] = "greeting",
+        [PHASE_TLS] = "TLS handshake",  [PHASE_STARTTLS] = "starttls",
         [PHASE_CAPA_PRE] = "capability", [PHASE_PREAUTH] = "preauth_command", [PHASE_ID] = "id",
         [PHASE_LOGIN] = "login",          [PHASE_CAPA_POST] = "capability",
         [PHASE_LOGOUT] = "logout",
@@ -80,6 +91,10 @@ struct BackendJob {
         int fd;
         sd_event_source *io, *timer;
         ImapScanner *scanner;
+        gnutls_session_t tls;            /* once TLS is up (or being set up) */
+        bool tls_again;                  /* GnuTLS holds a record after GNUTLS_E_AGAIN */
+        bool starttls;                   /* STARTTLS was sent (TLS came after the greeting) */
+        char caps_pre[IPC_CAPS_MAX];     /* this connection's pre-login capabilities */
 
         char *out;          /* pending output (may hold the password) */
         size_t out_len, out_pos, out_size;
@@ -106,6 +121,8 @@ static void job_free(BackendJob *j) {
                 freeaddrinfo(j->ai_list);
         j->io = sd_event_source_disable_unref(j->io);
         j->timer = sd_event_source_disable_unref(j->timer);
+        if (j->tls)
+                gnutls_deinit(j->tls);
         j->fd = safe_close(j->fd);
         imap_scanner_free(j->scanner);
         if (j->out) {
@@ -125,15 +142,31 @@ static void job_finish(BackendJob *j, int error, IpcFailStatus status, const cha
         Conn *c = NULL;
 
         if (error == 0 && !j->probe) {
-                Caps *caps = caps_intern(b, j->caps_post);
+                int fd = j->fd;
+                uint64_t profile = 0;
+                if (j->tls) {
+                        /* The TLS stream stays here; the pool gets our socketpair end. */
+                        j->io = sd_event_source_disable_unref(j->io);
+                        error = tls_relay_start(b, j->tls, j->fd, &fd);
+                        if (error == 0) {
+                                j->tls = NULL;
+                                j->fd = -EBADF;
+                                profile = b->tls_profile;
+                        }
+                }
+                Caps *caps = error == 0 ? caps_intern(b, j->caps_post) : NULL;
                 if (caps)
-                        c = conn_new_lent(b, j->fd, j->user, j->authzid, j->verifier, caps);
+                        c = conn_new_lent(b, fd, j->user, j->authzid, j->verifier, caps, profile);
                 caps_unref(caps);
                 if (c) {
                         j->fd = -EBADF; /* now owned by the Conn */
                         b->stats.backend_logins++;
-                } else
-                        error = -ENOMEM;
+                } else {
+                        if (fd != j->fd)
+                                safe_close(fd); /* the relay notices and closes the TLS side */
+                        if (error == 0)
+                                error = -ENOMEM;
+                }
         }
         if (error < 0 && status == 0) {
                 status = IPC_FAIL_UNAVAILABLE;
@@ -236,7 +269,7 @@ static int out_append_astring(BackendJob *j, const char *s) {
                 return 0;
         }
 
-        const char *caps = j->broker->prelogin_caps;
+        const char *caps = j->caps_pre;
         bool nonsync = capability_list_contains(caps, "LITERAL+") || (capability_list_contains(caps, "LITERAL-") && l <= 4096);
         char hdr[32];
         int n = snprintf(hdr, sizeof(hdr), "{%zu%s}\r\n", l, nonsync ? "+" : "");
@@ -255,7 +288,21 @@ static int job_flush(BackendJob *j) {
         size_t limit = j->sync_next < j->n_sync ? j->sync_at[j->sync_next] : j->out_len;
 
         while (j->out_pos < limit) {
-                ssize_t n = send(j->fd, j->out + j->out_pos, limit - j->out_pos, MSG_NOSIGNAL | MSG_DONTWAIT);
+                ssize_t n;
+                if (j->tls) {
+                        n = j->tls_again ? gnutls_record_send(j->tls, NULL, 0)
+                                         : gnutls_record_send(j->tls, j->out + j->out_pos, limit - j->out_pos);
+                        if (n == GNUTLS_E_AGAIN || n == GNUTLS_E_INTERRUPTED) {
+                                j->tls_again = true;
+                                return sd_event_source_set_io_events(j->io, EPOLLIN | EPOLLOUT);
+                        }
+                        j->tls_again = false;
+                        if (n < 0)
+                                return -EIO;
+                        j->out_pos += (size_t) n;
+                        continue;
+                }
+                n = send(j->fd, j->out + j->out_pos, limit - j->out_pos, MSG_NOSIGNAL | MSG_DONTWAIT);
                 if (n < 0) {
                         if (errno == EINTR)
                                 continue;
@@ -308,7 +355,7 @@ static int out_append_auth_plain(BackendJob *j, const char *authzid, const char 
         if (r < 0)
                 return -ENOMEM;
 
-        bool ir = capability_list_contains(j->broker->prelogin_caps, "SASL-IR");
+        bool ir = capability_list_contains(j->caps_pre, "SASL-IR");
         r = out_append(j, ir ? "L AUTHENTICATE PLAIN " : "L AUTHENTICATE PLAIN\r\n", ir ? 21 : 22);
         if (r >= 0 && !ir)
                 j->sync_at[j->n_sync++] = j->out_len;
@@ -325,7 +372,7 @@ static int job_send_login(BackendJob *j) {
         Broker *b = j->broker;
         int r;
 
-        if (capability_list_contains(b->prelogin_caps, "LOGINDISABLED"))
+        if (capability_list_contains(j->caps_pre, "LOGINDISABLED"))
                 return -EPERM;
         if (proxy_auth_enabled(b))
                 /* The broker checked the shared secret; log in as the client's user
@@ -411,11 +458,32 @@ static int job_send_id(BackendJob *j) {
         return job_flush(j);
 }
 
-/* After the greeting and capabilities: the optional steps, then login. */
+static void set_prelogin_caps(Broker *b, const char *caps);
+
+/* After the greeting and capabilities: TLS if needed, the optional steps,
+ * then login. Only capabilities that hold for the login are published. */
 static int job_advance(BackendJob *j) {
         Broker *b = j->broker;
         int r;
 
+        if (j->phase <= PHASE_CAPA_PRE) {
+                switch (tls_policy_next(config_server_tls(&b->cfg), j->tls != NULL, j->caps_pre)) {
+                case TLS_STEP_STARTTLS:
+                        j->starttls = true;
+                        job_enter_phase(j, PHASE_STARTTLS);
+                        return job_send(j, "S STARTTLS\r\n");
+                case TLS_STEP_REFUSE_NO_STARTTLS:
+                        return -EPROTONOSUPPORT;
+                case TLS_STEP_REFUSE_LOGINDISABLED:
+                        if (!j->probe)
+                                return -EPERM;
+                        break; /* sessions show LOGINDISABLED and refuse logins themselves */
+                case TLS_STEP_LOGIN:
+                default:
+                        break;
+                }
+                set_prelogin_caps(b, j->caps_pre);
+        }
         if (j->probe) {
                 job_enter_phase(j, PHASE_LOGOUT);
                 return job_send(j, "P LOGOUT\r\n");
@@ -524,8 +592,8 @@ static int job_handle_line(BackendJob *j, const ImapLine *l) {
         case PHASE_GREETING:
                 if (!untagged || l->n_args < 2 || !is_status(&l->args[1], "OK"))
                         return -EPROTO;
-                if (l->n_args >= 3 && caps_from_code(&l->args[2], text, sizeof(text)))
-                        set_prelogin_caps(b, text);
+                if (l->n_args >= 3 && caps_from_code(&l->args[2], j->caps_pre, sizeof(j->caps_pre)))
+                        ;
                 else {
                         job_enter_phase(j, PHASE_CAPA_PRE);
                         return job_send(j, "C CAPABILITY\r\n");
@@ -534,13 +602,31 @@ static int job_handle_line(BackendJob *j, const ImapLine *l) {
 
         case PHASE_CAPA_PRE:
                 if (untagged) {
-                        if (caps_from_untagged(l, text, sizeof(text)))
-                                set_prelogin_caps(b, text);
+                        (void) caps_from_untagged(l, j->caps_pre, sizeof(j->caps_pre));
                         return 0;
                 }
                 if (!imap_arg_is(tag, "C") || l->n_args < 2 || !is_status(&l->args[1], "OK"))
                         return -EPROTO;
                 return job_advance(j);
+
+        case PHASE_STARTTLS: {
+                if (untagged)
+                        return 0;
+                if (!imap_arg_is(tag, "S") || l->n_args < 2)
+                        return -EPROTO;
+                if (!is_status(&l->args[1], "OK")) {
+                        resp_text_of(l, text, sizeof(text));
+                        char clean[256];
+                        log_warning("backend refused STARTTLS: %s", log_sanitize(text, strlen(text), clean, sizeof(clean)));
+                        return -EPROTONOSUPPORT;
+                }
+                int r = tls_session_new(b, j->fd, &j->tls);
+                if (r < 0)
+                        return r;
+                j->caps_pre[0] = '\0'; /* what was said before TLS does not count (RFC 9051 6.2.1) */
+                job_enter_phase(j, PHASE_TLS);
+                return 0;
+        }
 
         case PHASE_PREAUTH:
                 if (untagged)
@@ -613,68 +699,152 @@ static int job_handle_line(BackendJob *j, const ImapLine *l) {
         }
 }
 
+/* 0 when the handshake is under way, 1 when done, <0 on failure (why says it). */
+static int job_handshake(BackendJob *j, char *why, size_t whysize) {
+        int r = gnutls_handshake(j->tls);
+        if (r == GNUTLS_E_AGAIN || r == GNUTLS_E_INTERRUPTED) {
+                (void) sd_event_source_set_io_events(j->io, gnutls_record_get_direction(j->tls) ? EPOLLOUT : EPOLLIN);
+                return 0;
+        }
+        if (r < 0) {
+                tls_describe_error(j->broker, j->tls, r, why, whysize);
+                return r == GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR ? -EKEYREJECTED : -EPROTO;
+        }
+        char desc[128];
+        log_debug("backend job %s: TLS up: %s", j->probe ? "(probe)" : j->user,
+                  tls_session_describe(j->tls, desc, sizeof(desc)));
+        (void) sd_event_source_set_io_events(j->io, EPOLLIN);
+        if (!j->starttls) {
+                job_enter_phase(j, PHASE_GREETING); /* implicit TLS: the greeting comes now */
+                return 1;
+        }
+        job_enter_phase(j, PHASE_CAPA_PRE);
+        r = job_send(j, "C CAPABILITY\r\n");
+        if (r < 0) {
+                snprintf(why, whysize, "%s", strerror(-r));
+                return r;
+        }
+        return 1;
+}
+
+/* One read: >0 bytes, 0 end of stream, -EAGAIN, or -errno (why says it). */
+static ssize_t job_recv(BackendJob *j, uint8_t *buf, size_t size, char *why, size_t whysize) {
+        ssize_t n;
+
+        if (j->tls) {
+                n = gnutls_record_recv(j->tls, buf, size);
+                if (n >= 0)
+                        return n;
+                if (n == GNUTLS_E_AGAIN || n == GNUTLS_E_INTERRUPTED)
+                        return -EAGAIN;
+                if (n == GNUTLS_E_PREMATURE_TERMINATION)
+                        return 0;
+                snprintf(why, whysize, "TLS: %s", gnutls_strerror((int) n));
+                return -EIO;
+        }
+        n = recv(j->fd, buf, size, MSG_DONTWAIT);
+        if (n >= 0)
+                return n;
+        if (errno == EAGAIN || errno == EINTR)
+                return -EAGAIN;
+        snprintf(why, whysize, "%s", strerror(errno));
+        return -errno;
+}
+
+/* Feeds what was read to the scanner and the phase logic. 1 when the job is
+ * gone (finished or failed), 0 to go on. */
+static int job_feed(BackendJob *j, const uint8_t *buf, size_t n) {
+        size_t off = 0;
+        int r;
+
+        while (off < n) {
+                size_t used = 0;
+                r = imap_scanner_feed(j->scanner, buf + off, n - off, &used);
+                off += used;
+                if (r < 0) {
+                        char why[128];
+                        snprintf(why, sizeof(why), "bad response: %s", imap_scanner_error_text(j->scanner));
+                        job_fail(j, r, why);
+                        return 1;
+                }
+                if (r != IMAP_SCAN_LINE)
+                        continue;
+                r = job_handle_line(j, imap_scanner_line(j->scanner));
+                if (r < 0) {
+                        job_fail(j, r, r == -EPERM ? "server says LOGINDISABLED and offers no STARTTLS: not logging in"
+                                       : r == -EPROTONOSUPPORT ? "TLS is required (server_tls) but the server does not "
+                                                                 "offer STARTTLS: not logging in"
+                                       : r == -ECONNRESET ? "server said BYE"
+                                       : r == -EREMOTEIO ? "preauth_command refused" : "unexpected response");
+                        return 1;
+                }
+                if (r == 2)
+                        return 1; /* finished with NO/BAD, freed */
+                if (r == 1) {
+                        if (off != n || (j->tls && gnutls_record_check_pending(j->tls) > 0)) {
+                                job_fail(j, -EPROTO, "unexpected data after login");
+                                return 1;
+                        }
+                        job_finish(j, 0, 0, NULL);
+                        return 1;
+                }
+                if (j->phase == PHASE_TLS) {
+                        /* Bytes after the STARTTLS answer were sent in clear
+                         * before TLS: an injection attempt (CVE-2011-0411 style). */
+                        if (off != n) {
+                                job_fail(j, -EPROTO, "data after the STARTTLS response");
+                                return 1;
+                        }
+                        (void) sd_event_source_set_io_events(j->io, EPOLLOUT); /* start the handshake */
+                        return 0;
+                }
+        }
+        return 0;
+}
+
 static int job_on_io(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
         BackendJob *j = userdata;
         uint8_t buf[BACKEND_INBUF];
+        char why[512];
         int r;
 
-        if (revents & EPOLLOUT) {
+        if (j->phase == PHASE_TLS) {
+                r = job_handshake(j, why, sizeof(why));
+                if (r < 0) {
+                        job_fail(j, r, why);
+                        return 0;
+                }
+                if (r == 0)
+                        return 0;
+                /* done: records may already be decrypted and waiting, read now */
+        } else if (revents & EPOLLOUT) {
                 r = job_flush(j);
                 if (r < 0) {
                         job_fail(j, r, strerror(-r));
                         return 0;
                 }
         }
-        if (!(revents & (EPOLLIN | EPOLLHUP | EPOLLERR)))
-                return 0;
 
-        ssize_t n = recv(j->fd, buf, sizeof(buf), MSG_DONTWAIT);
-        if (n < 0) {
-                if (errno == EAGAIN || errno == EINTR)
+        for (;;) {
+                ssize_t n = job_recv(j, buf, sizeof(buf), why, sizeof(why));
+                if (n == -EAGAIN)
                         return 0;
-                job_fail(j, -errno, strerror(errno));
-                return 0;
-        }
-        if (n == 0) {
-                if (j->phase == PHASE_LOGOUT)
-                        job_finish(j, 0, 0, NULL);
-                else
-                        job_fail(j, -ECONNRESET, "connection closed by the server");
-                return 0;
-        }
-
-        size_t off = 0;
-        while (off < (size_t) n) {
-                size_t used = 0;
-                r = imap_scanner_feed(j->scanner, buf + off, (size_t) n - off, &used);
-                off += used;
-                if (r < 0) {
-                        char why[128];
-                        snprintf(why, sizeof(why), "bad response: %s", imap_scanner_error_text(j->scanner));
-                        job_fail(j, r, why);
+                if (n < 0) {
+                        job_fail(j, (int) n, why);
                         return 0;
                 }
-                if (r != IMAP_SCAN_LINE)
-                        continue;
-                r = job_handle_line(j, imap_scanner_line(j->scanner));
-                if (r < 0) {
-                        job_fail(j, r, r == -EPERM ? "server says LOGINDISABLED (TLS is not available yet)"
-                                       : r == -ECONNRESET ? "server said BYE"
-                                       : r == -EREMOTEIO ? "preauth_command refused" : "unexpected response");
+                if (n == 0) {
+                        if (j->phase == PHASE_LOGOUT)
+                                job_finish(j, 0, 0, NULL);
+                        else
+                                job_fail(j, -ECONNRESET, "connection closed by the server");
                         return 0;
                 }
-                if (r == 2)
-                        return 0; /* finished with NO/BAD, freed */
-                if (r == 1) {
-                        if (off != (size_t) n) {
-                                job_fail(j, -EPROTO, "unexpected data after login");
-                                return 0;
-                        }
-                        job_finish(j, 0, 0, NULL);
+                if (job_feed(j, buf, (size_t) n))
                         return 0;
-                }
+                if (j->phase == PHASE_TLS)
+                        return 0;
         }
-        return 0;
 }
 
 /* ---- connecting ---- */
@@ -698,9 +868,19 @@ static int job_on_connected(sd_event_source *s, int fd, uint32_t revents, void *
                 return 0;
         }
         j->io = sd_event_source_disable_unref(j->io);
-        int r = sd_event_add_io(j->broker->event, &j->io, j->fd, EPOLLIN, job_on_io, j);
+        bool implicit = config_server_tls(&j->broker->cfg) == SERVER_TLS_IMPLICIT;
+        int r = sd_event_add_io(j->broker->event, &j->io, j->fd, implicit ? EPOLLOUT : EPOLLIN, job_on_io, j);
         if (r < 0) {
                 job_fail(j, r, "sd_event_add_io");
+                return 0;
+        }
+        if (implicit) {
+                r = tls_session_new(j->broker, j->fd, &j->tls);
+                if (r < 0) {
+                        job_fail(j, r, "cannot set up TLS");
+                        return 0;
+                }
+                job_enter_phase(j, PHASE_TLS); /* the first EPOLLOUT starts the handshake */
                 return 0;
         }
         job_enter_phase(j, PHASE_GREETING);

@@ -7,11 +7,13 @@
  *	peer.c     session peers on the broker socket: hello, checkout, checkin
  *	resolve.c  asynchronous getaddrinfo feeding the event loop
  *	stats.c    counters and peaks (imapproxyctl stats, STATUS=)
+ *	tls.c      backend TLS: credentials, sessions, the relay for lent TLS connections
  */
 #pragma once
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <gnutls/gnutls.h>
 #include <systemd/sd-event.h>
 
 #include "config.h"
@@ -26,6 +28,7 @@ typedef struct Conn Conn;
 typedef struct Peer Peer;
 typedef struct BackendJob BackendJob;
 typedef struct Resolve Resolve;
+typedef struct TlsRelay TlsRelay;
 struct addrinfo;
 
 /* Interned capability string: many connections share one copy. */
@@ -55,6 +58,7 @@ struct Conn {
         sd_event_source *io;            /* idle watch */
         uint64_t created_usec, idle_since_usec;
         unsigned uses;
+        uint64_t tls_profile;           /* 0: plain TCP; else the TLS profile it was made under (relayed) */
         Caps *caps;                     /* post-login capabilities */
         uint8_t verifier[VERIFIER_SIZE];
         Conn *bucket_next, *bucket_prev; /* pool hash chain (idle only) */
@@ -97,6 +101,13 @@ struct Broker {
         int resolve_pipe[2];
         sd_event_source *resolve_source;
 
+        /* backend TLS (tls.c) */
+        gnutls_certificate_credentials_t tls_cred; /* loaded once; NULL until needed */
+        gnutls_priority_t tls_prio;
+        uint64_t tls_profile;            /* identity of the current TLS settings, never 0 once loaded */
+        TlsRelay *relays;
+        unsigned n_relays;
+
         Stats stats;
         bool stopping;
 };
@@ -116,7 +127,7 @@ void pool_logout_all(Broker *b);
 void compute_verifier(const Broker *b, const char *user, const char *authzid, const char *password,
                       uint8_t ret[VERIFIER_SIZE]);
 Conn *conn_new_lent(Broker *b, int fd, const char *user, const char *authzid, const uint8_t verifier[VERIFIER_SIZE],
-                    Caps *caps);
+                    Caps *caps, uint64_t tls_profile);
 
 /* backend.c */
 typedef void (*BackendDoneFn)(void *userdata, int error, Conn *conn, IpcFailStatus status, const char *text);
@@ -134,6 +145,14 @@ void resolve_done(Broker *b);
 int resolve_start(Broker *b, const char *host, const char *port, int family, ResolveDoneFn done,
                   void *userdata, Resolve **ret);
 void resolve_cancel(Resolve *r);
+
+/* tls.c */
+int tls_init(Broker *b);
+int tls_session_new(Broker *b, int fd, gnutls_session_t *ret);
+void tls_describe_error(Broker *b, gnutls_session_t s, int err, char *why, size_t whysize);
+const char *tls_session_describe(gnutls_session_t s, char *buf, size_t size);
+int tls_relay_start(Broker *b, gnutls_session_t s, int net_fd, int *ret_fd);
+void tls_done(Broker *b);
 
 /* peer.c */
 int peer_listen(Broker *b);

@@ -4,6 +4,7 @@
  * DESCRIPTION
  *	Reads the configuration (fatal errors only here, before the loop
  *	runs), draws the per-broker HMAC key, listens on the broker socket,
+ *	loads the backend TLS credentials when they will be needed,
  *	probes the backend for its capabilities, tells systemd READY=1 and
  *	runs sd-event until SIGTERM/SIGINT. On stop it logs out every idle
  *	connection; lent ones belong to their sessions and are left alone.
@@ -123,6 +124,7 @@ static int load_config(Broker *b) {
         if (!b->cfg.server_hostname)
                 return log_error_errno(-EINVAL, "%s: server_hostname is not set: which IMAP server should we cache?",
                                        arg_config);
+        config_check(&b->cfg, config_warn, NULL);
         return 0;
 }
 
@@ -167,6 +169,9 @@ int main(int argc, char **argv) {
             (r = sd_event_add_signal(b->event, NULL, SIGINT, on_stop_signal, b)) < 0 ||
             (r = sd_event_add_signal(b->event, NULL, SIGHUP, on_hup, b)) < 0)
                 return log_error_errno(r, "signals: %m"), 1;
+        /* Trust store and client certificate: once, here (a bad file stops us now). */
+        if (tls_init(b) < 0)
+                return 1;
         if ((r = pool_init(b)) < 0 || (r = resolve_init(b)) < 0 || (r = backend_init(b)) < 0)
                 return log_error_errno(r, "initialisation: %m"), 1;
         r = peer_listen(b);
@@ -177,8 +182,9 @@ int main(int argc, char **argv) {
         if (r >= 0)
                 (void) sd_event_source_set_enabled(status_timer, SD_EVENT_ON);
 
-        log_info("imapproxy-broker ready: backend %s:%s, cache_size %u, cache_expiration_time %u s, socket %s",
-                 b->cfg.server_hostname, b->cfg.server_port, b->cfg.cache_size, b->cfg.cache_expiration_time,
+        log_info("imapproxy-broker ready: backend %s:%s (server_tls %s), cache_size %u, cache_expiration_time %u s, socket %s",
+                 b->cfg.server_hostname, b->cfg.server_port, server_tls_to_string(config_server_tls(&b->cfg)),
+                 b->cfg.cache_size, b->cfg.cache_expiration_time,
                  b->listen_fd_inherited ? "(inherited)" : b->cfg.broker_socket);
         (void) sd_notify(false, "READY=1");
         status_send(b);
@@ -189,6 +195,7 @@ int main(int argc, char **argv) {
         peer_close_all(b);
         backend_done(b);
         pool_done(b);
+        tls_done(b); /* after pool_done: the relays forward the pool's LOGOUTs */
         resolve_done(b);
         b->event = sd_event_unref(b->event);
         explicit_bzero(b->hmac_key, sizeof(b->hmac_key));

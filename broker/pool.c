@@ -6,7 +6,9 @@
  *	int pool_checkin(Broker *b, Conn *c, int fd);
  *	int pool_make_room(Broker *b);
  * DESCRIPTION
- *	Idle connections are keyed by (user, verifier); the verifier is an
+ *	Idle connections are keyed by (user, verifier, TLS profile); the
+ *	TLS profile (0 for plain TCP) must match the broker's current one
+ *	(conn_tls_ok()). The verifier is an
  *	HMAC-SHA256 of user and password under a random per-broker key, built
  *	here from what the session sent, compared in constant time. A lent
  *	connection leaves the pool and the broker keeps no copy of its fd
@@ -296,7 +298,7 @@ static uint64_t socket_cookie(int fd) {
 }
 
 Conn *conn_new_lent(Broker *b, int fd, const char *user, const char *authzid, const uint8_t verifier[VERIFIER_SIZE],
-                    Caps *caps) {
+                    Caps *caps, uint64_t tls_profile) {
         Conn *c = calloc(1, sizeof(Conn));
         if (!c)
                 return NULL;
@@ -306,12 +308,22 @@ Conn *conn_new_lent(Broker *b, int fd, const char *user, const char *authzid, co
         c->cookie = socket_cookie(fd);
         c->created_usec = now_usec();
         c->caps = caps_ref(caps);
+        c->tls_profile = tls_profile;
         memcpy(c->verifier, verifier, VERIFIER_SIZE);
         snprintf(c->user, sizeof(c->user), "%s", user);
         snprintf(c->authzid, sizeof(c->authzid), "%s", authzid);
         b->n_lent++;
         stats_note_lent(&b->stats, b->n_lent);
         return c;
+}
+
+/* A plain connection may only be lent while plain connections are allowed; a
+ * TLS one only under the TLS profile (trust, name, client certificate,
+ * priority) it was verified with. */
+static bool conn_tls_ok(const Broker *b, const Conn *c) {
+        if (c->tls_profile == 0)
+                return config_server_tls(&b->cfg) == SERVER_TLS_NONE;
+        return c->tls_profile == b->tls_profile;
 }
 
 static bool conn_is(const Conn *c, const char *user, const char *authzid) {
@@ -324,7 +336,7 @@ int pool_checkout(Broker *b, const char *user, const char *authzid, const uint8_
 
         while (c) {
                 Conn *next = c->bucket_next;
-                if (conn_is(c, user, authzid) && verifier_equal(c->verifier, verifier)) {
+                if (conn_is(c, user, authzid) && conn_tls_ok(b, c) && verifier_equal(c->verifier, verifier)) {
                         /* Never lend a dead one: look at what arrived since the last wake-up. */
                         int r = idle_drain(c);
                         if (r < 0) {

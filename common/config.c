@@ -13,6 +13,8 @@
  *	void config_dump(const Config *c, FILE *f);
  *	void config_dump_origins(const Config *c, FILE *f);
  *	unsigned config_diff(const Config *a, const Config *b, ConfigDiffFn fn, void *userdata);
+ *	ServerTls config_server_tls(const Config *c);
+ *	void config_check(const Config *c, ConfigWarnFn warn, void *userdata);
  * DESCRIPTION
  *	One "keyword value" per line. The keyword is case-insensitive and ends at
  *	the first blank (space or tab); the value is the rest of the line after
@@ -36,9 +38,10 @@
  *	key, a key without value, a bad value, a line longer than
  *	CONFIG_LINE_MAX, a NUL byte or a control character in a value is an
  *	error, reported as "FILE:LINE: KEY: reason". The first error stops the
- *	parse. "force_tls yes" is an error as long as backend TLS is not
- *	implemented: ignoring it would send passwords in clear text against the
- *	administrator's explicit wish.
+ *	parse. "force_tls yes" (up-imapproxy) is a synonym of "server_tls
+ *	starttls"; config_server_tls() gives the mode in effect, and
+ *	config_check() warns about combinations only the whole file shows
+ *	(server_port 993 without server_tls implicit, tls_verify_server no).
  * SECURITY
  *	Values of secret keys (auth_sasl_plain_password, auth_shared_secret) are
  *	never copied into an error or warning message and are wiped with
@@ -82,6 +85,7 @@ typedef enum ConfigType {
         CONFIG_IPVERSION,   /* unsigned: 0, 4 or 6 */
         CONFIG_FACILITY,    /* int: LOG_* facility */
         CONFIG_PRIORITY,    /* int: LOG_EMERG..LOG_DEBUG */
+        CONFIG_SERVER_TLS,  /* unsigned: ServerTls */
         _CONFIG_TYPE_MAX,
 } ConfigType;
 
@@ -118,10 +122,6 @@ typedef struct ConfigKey {
         "ignored: the broker connects per login, bounded by backend_timeout; there is no startup " \
         "reachability loop"
 #define WHY_SELECT_CACHE "ignored: SELECT always goes to the server (a cached SELECT can hide new mail)"
-#define WHY_FORCE_TLS                                                                             \
-        "'yes' cannot be honoured: backend TLS is not yet supported and passwords would go to "   \
-        "the server in clear text; remove the line or set 'force_tls no'"
-#define WHY_TLS "not yet supported: imapproxy speaks plain IMAP to the backend"
 #define WHY_ADMIN "not yet supported: the XPROXY_* admin commands are not implemented"
 
 /* C type of the Config field behind each ConfigType; KEY() checks it at compile time. */
@@ -136,6 +136,7 @@ typedef struct ConfigKey {
 #define CTYPE_IPVERSION unsigned
 #define CTYPE_FACILITY int
 #define CTYPE_PRIORITY int
+#define CTYPE_SERVER_TLS unsigned
 
 #define FIELD_OFFSET(field, ctype)                                                                \
         (offsetof(Config, field) +                                                                \
@@ -172,20 +173,20 @@ static const ConfigKey config_keys[] = {
             WHY_SELECT_CACHE),
         KEY("foreground_mode", BOOL, foreground_mode, 0, 0, CONFIG_F_WARN_IF_FALSE,
             WHY_FOREGROUND),
-        KEY("force_tls", BOOL, force_tls, 0, 0, CONFIG_F_REFUSE_IF_TRUE, WHY_FORCE_TLS),
+        KEY("force_tls", BOOL, force_tls, 0, 0, 0, NULL),
         KEY("chroot_directory", STRING, chroot_directory, 0, 0, 0, WHY_CHROOT),
         KEY("preauth_command", STRING, preauth_command, 0, 0, 0, NULL),
         KEY("enable_admin_commands", BOOL, enable_admin_commands, 0, 0,
             CONFIG_F_WARN_IF_TRUE, WHY_ADMIN),
-        KEY("tls_ca_file", STRING, tls_ca_file, 0, 0, 0, WHY_TLS),
-        KEY("tls_ca_path", STRING, tls_ca_path, 0, 0, 0, WHY_TLS),
-        KEY("tls_cert_file", STRING, tls_cert_file, 0, 0, 0, WHY_TLS),
-        KEY("tls_key_file", STRING, tls_key_file, 0, 0, 0, WHY_TLS),
-        KEY("tls_verify_server", BOOL, tls_verify_server, 0, 0, 0, WHY_TLS),
-        KEY("tls_ciphers", STRING, tls_ciphers, 0, 0, 0, WHY_TLS),
-        KEY("tls_no_tlsv1", BOOL, tls_no_tlsv1, 0, 0, 0, WHY_TLS),
-        KEY("tls_no_tlsv1.1", BOOL, tls_no_tlsv1_1, 0, 0, 0, WHY_TLS),
-        KEY("tls_no_tlsv1.2", BOOL, tls_no_tlsv1_2, 0, 0, 0, WHY_TLS),
+        KEY("tls_ca_file", STRING, tls_ca_file, 0, 0, 0, NULL),
+        KEY("tls_ca_path", STRING, tls_ca_path, 0, 0, 0, NULL),
+        KEY("tls_cert_file", STRING, tls_cert_file, 0, 0, 0, NULL),
+        KEY("tls_key_file", STRING, tls_key_file, 0, 0, 0, NULL),
+        KEY("tls_verify_server", BOOL, tls_verify_server, 0, 0, 0, NULL),
+        KEY("tls_ciphers", STRING, tls_ciphers, 0, 0, 0, NULL),
+        KEY("tls_no_tlsv1", BOOL, tls_no_tlsv1, 0, 0, 0, NULL),
+        KEY("tls_no_tlsv1.1", BOOL, tls_no_tlsv1_1, 0, 0, 0, NULL),
+        KEY("tls_no_tlsv1.2", BOOL, tls_no_tlsv1_2, 0, 0, 0, NULL),
         KEY("auth_sasl_plain_username", STRING, auth_sasl_plain_username, 0, 0, 0, NULL),
         KEY("auth_sasl_plain_password", STRING, auth_sasl_plain_password, 0, 0,
             CONFIG_F_SECRET, NULL),
@@ -212,6 +213,8 @@ static const ConfigKey config_keys[] = {
         KEY("listen_tls_priority", STRING, listen_tls_priority, 0, 0, 0, NULL),
         KEY("listen_tls_ticket_key_file", STRING, listen_tls_ticket_key_file, 0, 0, 0, NULL),
         KEY("login_requires_tls", BOOL, login_requires_tls, 0, 0, 0, NULL),
+        KEY("server_tls", SERVER_TLS, server_tls, 0, 0, 0, NULL),
+        KEY("tls_server_name", WORD, tls_server_name, 0, 255, 0, NULL),
 };
 
 static_assert(ELEMENTSOF(config_keys) <= CONFIG_KEYS_MAX, "raise CONFIG_KEYS_MAX in config.h");
@@ -236,6 +239,13 @@ static const NameValue facility_names[] = {
         { "LOCAL4", LOG_LOCAL4 },   { "LOCAL5", LOG_LOCAL5 }, { "LOCAL6", LOG_LOCAL6 },
         { "LOCAL7", LOG_LOCAL7 },
 };
+
+static const NameValue server_tls_names[] = {
+        { "none", SERVER_TLS_NONE },
+        { "starttls", SERVER_TLS_STARTTLS },
+        { "implicit", SERVER_TLS_IMPLICIT },
+};
+static_assert(ELEMENTSOF(server_tls_names) == _SERVER_TLS_MAX, "server_tls names");
 
 static const NameValue priority_names[] = {
         { "EMERG", LOG_EMERG },     { "ALERT", LOG_ALERT },   { "CRIT", LOG_CRIT },
@@ -540,6 +550,12 @@ static int config_set(const Parser *p, const ConfigKey *k, const char *v) {
                                        "LOG_ERR, LOG_WARNING, LOG_NOTICE, LOG_INFO or LOG_DEBUG");
                 *(int *) field = i;
                 break;
+        case CONFIG_SERVER_TLS:
+                if (name_value_find(server_tls_names, ELEMENTSOF(server_tls_names), v, false, &i) < 0)
+                        return invalid(p, k, v,
+                                       "none, starttls or implicit (TLS from the first byte, port 993)");
+                *(unsigned *) field = (unsigned) i;
+                break;
         case _CONFIG_TYPE_MAX:
         default:
                 assert(k->type < _CONFIG_TYPE_MAX); /* a bad row in config_keys[] */
@@ -572,13 +588,6 @@ static int config_set(const Parser *p, const ConfigKey *k, const char *v) {
                         parser_warn(p, k->name, k->why);
         }
 
-        /* up-imapproxy warns about this too: 993 is implicit TLS, we send plain IMAP. */
-        if (k->offset == offsetof(Config, server_port) &&
-            (strcmp(v, "993") == 0 || ascii_strcasecmp_n(v, strlen(v), "imaps") == 0))
-                parser_warn(p, k->name,
-                            "993 (imaps) is the implicit-TLS port, but imapproxy speaks plain "
-                            "IMAP to the backend: logins will fail; use the server's plain "
-                            "IMAP port (143)");
         return 0;
 }
 
@@ -991,6 +1000,9 @@ static void dump(const Config *c, FILE *f, bool origins) {
                         else
                                 fprintf(f, "%s %d\n", k->name, *(const int *) field);
                         break;
+                case CONFIG_SERVER_TLS:
+                        fprintf(f, "%s %s\n", k->name, server_tls_to_string(*(const unsigned *) field));
+                        break;
                 default:
                         break;
                 }
@@ -1032,6 +1044,7 @@ unsigned config_diff(const Config *a, const Config *b, ConfigDiffFn fn, void *us
                 case CONFIG_UINT:
                 case CONFIG_BYTES:
                 case CONFIG_IPVERSION:
+                case CONFIG_SERVER_TLS:
                         same = *(const unsigned *) fa == *(const unsigned *) fb;
                         break;
                 case CONFIG_BYTES64:
@@ -1052,4 +1065,42 @@ unsigned config_diff(const Config *a, const Config *b, ConfigDiffFn fn, void *us
                 }
         }
         return n;
+}
+
+const char *server_tls_to_string(ServerTls t) {
+        const char *n = name_value_name(server_tls_names, ELEMENTSOF(server_tls_names), (int) t);
+        return n ?: "?";
+}
+
+ServerTls config_server_tls(const Config *c) {
+        if (c->server_tls != SERVER_TLS_NONE)
+                return (ServerTls) c->server_tls;
+        return c->force_tls ? SERVER_TLS_STARTTLS : SERVER_TLS_NONE;
+}
+
+void config_check(const Config *c, ConfigWarnFn warn, void *userdata) {
+        const char *port = c->server_port ?: "";
+        ServerTls t = config_server_tls(c);
+
+        if (!warn)
+                return;
+        /* up-imapproxy warns about this too: 993 is implicit TLS. */
+        if ((strcmp(port, "993") == 0 || ascii_strcasecmp_n(port, strlen(port), "imaps") == 0) &&
+            t != SERVER_TLS_IMPLICIT)
+                warn(userdata, "server_port 993 (imaps) is the implicit-TLS port, but server_tls is not "
+                               "'implicit': logins will fail; set server_tls implicit, or use the "
+                               "server's IMAP port (143)");
+        if (t == SERVER_TLS_IMPLICIT && strcmp(port, "143") == 0)
+                warn(userdata, "server_tls implicit with server_port 143: port 143 normally speaks plain "
+                               "IMAP (use server_tls starttls there, or server_port 993)");
+        if (c->server_tls == SERVER_TLS_NONE && c->force_tls)
+                warn(userdata, "force_tls yes: taken as server_tls starttls (up-imapproxy's name)");
+        if (c->tls_cert_file && !c->tls_key_file)
+                warn(userdata, "tls_cert_file without tls_key_file: the key is read from the "
+                               "certificate file (as up-imapproxy did)");
+        if (c->tls_key_file && !c->tls_cert_file)
+                warn(userdata, "tls_key_file without tls_cert_file: no client certificate is sent");
+        if (!c->tls_verify_server)
+                warn(userdata, "tls_verify_server no: the backend's certificate is NOT checked when "
+                               "TLS is used; anyone on the path can read the passwords");
 }

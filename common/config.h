@@ -25,6 +25,14 @@
         "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2:-CIPHER-ALL:+AES-256-GCM:+CHACHA20-POLY1305:" \
         "+AES-128-GCM:-MAC-ALL:+AEAD:-KX-ALL:+ECDHE-ECDSA:+ECDHE-RSA:%SERVER_PRECEDENCE"
 
+/* server_tls: how the broker talks to the backend. */
+typedef enum ServerTls {
+        SERVER_TLS_NONE,     /* plain IMAP (STARTTLS anyway when the server says LOGINDISABLED) */
+        SERVER_TLS_STARTTLS, /* STARTTLS before anything else; never log in without it */
+        SERVER_TLS_IMPLICIT, /* TLS from the first byte (port 993) */
+        _SERVER_TLS_MAX,
+} ServerTls;
+
 typedef struct Config {
         /* ---- up-imapproxy 1.2.8 keys ---- */
         char *server_hostname;         /* backend host (name or address); required by the broker */
@@ -44,7 +52,7 @@ typedef struct Config {
         bool send_tcp_keepalives;
         bool enable_select_cache;      /* accepted; SELECT always goes to the server */
         bool foreground_mode;          /* accepted; we always run in the foreground */
-        bool force_tls;
+        bool force_tls;                /* up-imapproxy's synonym of server_tls starttls */
         char *chroot_directory;
         char *preauth_command;
         bool enable_admin_commands;
@@ -93,6 +101,8 @@ typedef struct Config {
         } origin[CONFIG_KEYS_MAX];     /* indexed like config_keys[] in config.c */
         char **files;                  /* names of the files/buffers parsed, in order */
         unsigned n_files;
+        unsigned server_tls;           /* ServerTls as written; see config_server_tls() */
+        char *tls_server_name;         /* name checked against the backend's certificate, sent as SNI */
 } Config;
 
 /* Called once per occurrence of a key that is accepted but not applied (or
@@ -127,6 +137,18 @@ int config_load(Config *c, const char *path, ConfigWarnFn warn, void *userdata, 
 void config_done(Config *c);
 
 /* Print "key value" for every key (secrets shown as "(set)"). */
+/* The backend TLS mode in effect: server_tls, or STARTTLS when only
+ * up-imapproxy's force_tls yes asks for TLS. */
+ServerTls config_server_tls(const Config *c);
+
+/* Name for a ServerTls value ("none", "starttls", "implicit"). */
+const char *server_tls_to_string(ServerTls t);
+
+/* Consistency warnings that need the whole file (e.g. server_port 993 without
+ * server_tls implicit); call once after the last load. warn may be NULL. */
+void config_check(const Config *c, ConfigWarnFn warn, void *userdata);
+
+/* Print "key value" for every key (secrets shown as "(set)"), for --check-config. */
 void config_dump(const Config *c, FILE *f);
 /* The same, each line preceded by a comment saying where the value came
  * from ("# FILE:LINE" or "# default"), for --check-config. */

@@ -205,27 +205,38 @@ class Dovecot:
 
     Works as root (mail files owned by the 'dovecot' user, or 'nobody') and as
     an ordinary user (everything runs as that user; rootless Dovecot).
+
+    tls=(cert_file, key_file) turns TLS on: STARTTLS on `port` and implicit
+    TLS on `imaps_port` (a free port).  Without tls nothing changes (ssl = no,
+    no imaps listener).  address (default 127.0.0.1) is where Dovecot listens:
+    Dovecot trusts a client whose address equals its own, so to make it say
+    LOGINDISABLED (ssl='required', or disable_plaintext_auth) listen on
+    127.0.0.2 and connect from 127.0.0.1.
     """
 
     LOGIN_RE = re.compile(r'imap-login: Info: Login: user=<([^>]*)>')
     LOGOUT_RE = re.compile(r'imap\(([^)]*)\)[^:]*: Info: (?:Logged out|Disconnected)')
 
     def __init__(self, tmpdir, users=None, messages=5, port=None, auth_failure_delay=0,
-                 extra_conf='', start=True, netns=None):
+                 extra_conf='', start=True, netns=None, tls=None, ssl='yes', imaps_port=None,
+                 address='127.0.0.1'):
         # netns: a NetNS to run in; Dovecot then listens on its inner address.
         self.netns = netns
-        self.address = netns.inner if netns else '127.0.0.1'
+        self.address = netns.inner if netns else address
         self.tmpdir = os.path.abspath(tmpdir)
         self.dir = os.path.join(self.tmpdir, 'dovecot')
         self.users = dict(users or {'alice': 'pw'})
         self.messages = messages
-        self.port = port or free_port()
+        self.port = port or free_port(address if not netns else '127.0.0.1')
         self.conf = os.path.join(self.dir, 'dovecot.conf')
         self.log_path = os.path.join(self.dir, 'dovecot.log')
         self.stderr_path = os.path.join(self.dir, 'dovecot.stderr')
         self.proc = None
         self.auth_failure_delay = auth_failure_delay
         self.extra_conf = extra_conf
+        self.tls = tls
+        self.ssl = ssl if tls else 'no'
+        self.imaps_port = (imaps_port or free_port(address if not netns else '127.0.0.1')) if tls else 0
         self._setup_ids()
         self._write_files()
         if start:
@@ -303,7 +314,7 @@ info_log_path = {d}/dovecot.log
 debug_log_path = {d}/dovecot.log
 listen = {addr}
 protocols = imap
-ssl = no
+{ssl}
 disable_plaintext_auth = no
 auth_mechanisms = plain login
 auth_failure_delay = {afd} secs
@@ -328,7 +339,8 @@ service imap-login {{
     port = {port}
   }}
   inet_listener imaps {{
-    port = 0
+    address = {addr}
+    port = {imaps_port}
   }}
 }}
 service stats {{
@@ -341,7 +353,10 @@ service stats {{
 }}
 {extra}
 '''.format(d=self.dir, port=self.port, uid=self.mail_uid, gid=self.mail_gid, addr=self.address,
-           afd=self.auth_failure_delay, identity=identity, extra=self.extra_conf)
+           afd=self.auth_failure_delay, identity=identity, extra=self.extra_conf,
+           imaps_port=self.imaps_port,
+           ssl=('ssl = %s\nssl_cert = <%s\nssl_key = <%s' % (self.ssl, self.tls[0], self.tls[1])
+                if self.tls else 'ssl = no'))
         with open(self.conf, 'w') as f:
             f.write(conf)
 

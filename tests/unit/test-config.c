@@ -236,7 +236,9 @@ static const char all_keys[] =
         "listen_tls_key_file /etc/imapproxy/tls/key.pem\n"
         "listen_tls_priority SECURE256:-VERS-ALL:+VERS-TLS1.3\n"
         "listen_tls_ticket_key_file /etc/imapproxy/tls/ticket.key\n"
-        "login_requires_tls yes\n";
+        "login_requires_tls yes\n"
+        "server_tls implicit\n"
+        "tls_server_name imap.example.org\n";
 
 Test(config, every_key_parses) {
         Config *c = &L.c;
@@ -285,6 +287,8 @@ Test(config, every_key_parses) {
         cr_expect_eq(c->max_prelogin_line, 16384);
         cr_expect_eq(c->max_command_line, 1048576);
         cr_expect_eq(c->max_literal_size, UINT64_C(2) << 30);
+        cr_expect_eq(c->server_tls, SERVER_TLS_IMPLICIT);
+        cr_expect_str_eq(c->tls_server_name, "imap.example.org");
 }
 
 Test(config, keys_are_case_insensitive) {
@@ -518,14 +522,46 @@ Test(config, server_port) {
         }
 }
 
-Test(config, server_port_993_warns) {
+static void collect_check(void) {
+        L.w.n = 0;
+        config_check(&L.c, collect_warning, &L.w);
+}
+
+Test(config, server_port_993_warns_without_implicit_tls) {
         cr_expect_eq(load("server_port 993\n"), 0);
-        cr_expect_eq(L.w.n, 1);
-        cr_expect(has_warning("t.conf:1: server_port: 993 (imaps) is the implicit-TLS port"));
-        cr_expect_eq(load("server_port IMAPS\n"), 0);
-        cr_expect_eq(L.w.n, 1);
-        cr_expect_eq(load("server_port 143\n"), 0);
         cr_expect_eq(L.w.n, 0);
+        collect_check();
+        cr_expect_eq(L.w.n, 1);
+        cr_expect(has_warning("server_port 993 (imaps) is the implicit-TLS port, but server_tls is not"));
+        cr_expect_eq(load("server_port IMAPS\nserver_tls starttls\n"), 0);
+        collect_check();
+        cr_expect_eq(L.w.n, 1);
+        /* order does not matter: the check sees the whole file */
+        cr_expect_eq(load("server_tls implicit\nserver_port 993\n"), 0);
+        collect_check();
+        cr_expect_eq(L.w.n, 0, "%s", L.w.msg[0]);
+        cr_expect_eq(load("server_port 143\nserver_tls none\n"), 0);
+        collect_check();
+        cr_expect_eq(L.w.n, 0);
+}
+
+Test(config, server_tls_values) {
+        cr_expect_eq(load(""), 0);
+        cr_expect_eq(config_server_tls(&L.c), SERVER_TLS_NONE);
+        cr_expect_eq(load("server_tls STARTTLS\n"), 0, "%s", L.err);
+        cr_expect_eq(config_server_tls(&L.c), SERVER_TLS_STARTTLS);
+        cr_expect_eq(load("server_tls implicit\n"), 0, "%s", L.err);
+        cr_expect_eq(config_server_tls(&L.c), SERVER_TLS_IMPLICIT);
+        cr_expect_eq(load("server_tls none\n"), 0, "%s", L.err);
+        cr_expect_eq(config_server_tls(&L.c), SERVER_TLS_NONE);
+        cr_expect_str_eq(server_tls_to_string(SERVER_TLS_IMPLICIT), "implicit");
+        expect_error("server_tls yes\n",
+                     "t.conf:1: server_tls: invalid value 'yes': expected none, starttls or implicit "
+                     "(TLS from the first byte, port 993)");
+        cr_expect_eq(load("tls_server_name imap.example.org\n"), 0, "%s", L.err);
+        cr_expect_str_eq(L.c.tls_server_name, "imap.example.org");
+        expect_error("tls_server_name a b\n", "t.conf:1: tls_server_name: invalid value 'a b': expected a "
+                                              "name without blanks, at most 255 bytes");
 }
 
 Test(config, broker_socket) {
@@ -679,13 +715,27 @@ Test(config, control_characters_in_values) {
         cr_expect_str_eq(L.c.auth_sasl_plain_username, "a\tb");
 }
 
-Test(config, force_tls_yes_is_refused) {
+Test(config, force_tls_is_a_synonym_of_server_tls_starttls) {
         cr_expect_eq(load("force_tls no\n"), 0);
         cr_expect_eq(L.w.n, 0);
-        cr_expect_eq(load("\nforce_tls yes\n"), -EINVAL);
-        cr_expect(strstr(L.err, "t.conf:2: force_tls: 'yes' cannot be honoured: backend TLS is not yet supported"),
-                  "%s", L.err);
-        cr_expect_not(L.c.force_tls);
+        cr_expect_eq(config_server_tls(&L.c), SERVER_TLS_NONE);
+        cr_expect_eq(load("\nforce_tls yes\n"), 0, "%s", L.err);
+        cr_expect(L.c.force_tls);
+        cr_expect_eq(config_server_tls(&L.c), SERVER_TLS_STARTTLS);
+        collect_check();
+        cr_expect(has_warning("force_tls yes: taken as server_tls starttls"));
+        /* an explicit server_tls wins; force_tls only asks for some TLS */
+        cr_expect_eq(load("force_tls yes\nserver_tls implicit\n"), 0, "%s", L.err);
+        cr_expect_eq(config_server_tls(&L.c), SERVER_TLS_IMPLICIT);
+}
+
+Test(config, check_warns_about_unverified_tls) {
+        cr_expect_eq(load("tls_verify_server no\n"), 0, "%s", L.err);
+        collect_check();
+        cr_expect(has_warning("tls_verify_server no: the backend's certificate is NOT checked"));
+        cr_expect_eq(load("tls_cert_file /x.pem\n"), 0, "%s", L.err);
+        collect_check();
+        cr_expect(has_warning("tls_cert_file without tls_key_file"));
 }
 
 Test(config, long_lines) {
@@ -803,15 +853,6 @@ Test(config, warnings_for_keys_not_applied) {
                 { "connect_delay 5", "t.conf:1: connect_delay: ignored: the broker connects per login" },
                 { "enable_select_cache yes", "t.conf:1: enable_select_cache: ignored: SELECT always goes to the server" },
                 { "enable_admin_commands on", "t.conf:1: enable_admin_commands: not yet supported" },
-                { "tls_ca_file /x", "t.conf:1: tls_ca_file: not yet supported" },
-                { "tls_ca_path /x", "t.conf:1: tls_ca_path: not yet supported" },
-                { "tls_cert_file /x", "t.conf:1: tls_cert_file: not yet supported" },
-                { "tls_key_file /x", "t.conf:1: tls_key_file: not yet supported" },
-                { "tls_verify_server yes", "t.conf:1: tls_verify_server: not yet supported" },
-                { "tls_ciphers HIGH", "t.conf:1: tls_ciphers: not yet supported" },
-                { "tls_no_tlsv1 no", "t.conf:1: tls_no_tlsv1: not yet supported" },
-                { "tls_no_tlsv1.1 no", "t.conf:1: tls_no_tlsv1.1: not yet supported" },
-                { "tls_no_tlsv1.2 no", "t.conf:1: tls_no_tlsv1.2: not yet supported" },
         };
 
         for (size_t i = 0; i < sizeof(t) / sizeof(t[0]); i++) {
@@ -899,6 +940,7 @@ Test(config, dump_lists_every_key) {
                 "max_command_line", "max_literal_size", "login_max_failures", "login_failure_delay",
                 "forward_client_id", "max_idle_per_user", "listen_tls_cert_file", "listen_tls_key_file",
                 "listen_tls_priority", "listen_tls_ticket_key_file", "login_requires_tls",
+                "server_tls", "tls_server_name",
         };
         char *d = dump_to_string(&L.c), *nl;
         size_t lines = 0;
@@ -917,6 +959,7 @@ Test(config, dump_lists_every_key) {
         cr_expect(strstr(d, "\nsyslog_facility LOG_MAIL\n"), "%s", d);
         cr_expect(strstr(d, "\nsyslog_prioritymask LOG_INFO\n"), "%s", d);
         cr_expect(strstr(d, "\ntls_verify_server yes\n"), "%s", d);
+        cr_expect(strstr(d, "\nserver_tls none\n"), "%s", d);
         cr_expect(strstr(d, "\nauth_shared_secret (unset)\n"), "%s", d);
         cr_expect(strstr(d, "\nbroker_socket /run/imapproxy/broker.sock\n"), "%s", d);
         cr_expect(strstr(d, "\nmax_literal_size 1073741824\n"), "%s", d);
