@@ -146,6 +146,12 @@ int main(int argc, char **argv) {
         if (!getenv("IMAPPROXY_LOG_LEVEL"))
                 log_set_max_level(b->cfg.syslog_prioritymask);
         if (arg_check_config) {
+                r = tls_init(b); /* the TLS files and priority string are part of the configuration */
+                tls_done(b);
+                if (r < 0) {
+                        config_done(&b->cfg);
+                        return 1;
+                }
                 config_dump_origins(&b->cfg, stdout);
                 config_done(&b->cfg);
                 return 0;

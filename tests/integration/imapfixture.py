@@ -236,7 +236,9 @@ class Dovecot:
         self.extra_conf = extra_conf
         self.tls = tls
         self.ssl = ssl if tls else 'no'
-        self.imaps_port = (imaps_port or free_port(address if not netns else '127.0.0.1')) if tls else 0
+        self.imaps_port = 0
+        while tls and self.imaps_port in (0, self.port):  # two free_port() calls can agree
+            self.imaps_port = imaps_port or free_port(address if not netns else '127.0.0.1')
         self._setup_ids()
         self._write_files()
         if start:

@@ -1,0 +1,401 @@
+#!/usr/bin/env python3
+"""Backend TLS: the broker speaks STARTTLS or implicit TLS to a real Dovecot
+(ssl = yes, a 993-style listener), verifies its certificate, and lends TLS
+connections through its relay exactly like plain ones.
+
+A private CA and server certificate are made by the test with certtool
+(gnutls-bin); a second, unrelated CA plays the attacker.  "A backend login" is
+a `imap-login: Info: Login: user=<X>` line in Dovecot's log; Dovecot adds
+`TLS` to it when the connection was encrypted, which is how the tests see that
+TLS was really used.  Run through tests/integration/run.py.
+"""
+
+import hashlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from imapfixture import (Dovecot, Proxy, RawClient, imap_login,  # noqa: E402
+                         FixtureError, wait_until)
+
+CERTTOOL = shutil.which('certtool')
+SERVER_NAME = 'imap.test.example'
+LOGIN_LINE_RE = re.compile(r'imap-login: Info: Login: user=<([^>]*)>.*')
+
+
+def tail(text, n=40):
+    return '\n'.join(text.splitlines()[-n:])
+
+
+def certtool(*args):
+    subprocess.run([CERTTOOL] + list(args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                   timeout=30, check=True)
+
+
+def make_ca(d, name):
+    key, pem, tmpl = (os.path.join(d, name + ext) for ext in ('.key', '.pem', '.tmpl'))
+    with open(tmpl, 'w') as f:
+        f.write('cn = %s\nca\ncert_signing_key\nexpiration_days = 2\n' % name)
+    certtool('--generate-privkey', '--key-type=ecdsa', '--outfile', key)
+    certtool('--generate-self-signed', '--load-privkey', key, '--template', tmpl, '--outfile', pem)
+    return pem, key
+
+
+def make_server_cert(d, ca_pem, ca_key):
+    key, pem, tmpl = (os.path.join(d, 'server' + ext) for ext in ('.key', '.pem', '.tmpl'))
+    with open(tmpl, 'w') as f:
+        f.write('cn = %s\ndns_name = %s\nip_address = 127.0.0.1\nip_address = 127.0.0.2\n'
+                'tls_www_server\nsigning_key\nexpiration_days = 2\n' % (SERVER_NAME, SERVER_NAME))
+    certtool('--generate-privkey', '--key-type=ecdsa', '--outfile', key)
+    certtool('--generate-certificate', '--load-privkey', key, '--load-ca-certificate', ca_pem,
+             '--load-ca-privkey', ca_key, '--template', tmpl, '--outfile', pem)
+    os.chmod(key, 0o644)  # read by Dovecot's login processes; a throw-away test key
+    return pem, key
+
+
+class FakeServer:
+    """A tiny IMAP server that offers no STARTTLS and records every byte it gets."""
+
+    def __init__(self, caps='IMAP4rev1 LITERAL+ AUTH=PLAIN'):
+        self.caps = caps
+        self.sock = socket.socket()
+        self.sock.bind(('127.0.0.1', 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.received = []
+        self.connections = 0
+        self.lock = threading.Lock()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while not self.stopping:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.connections += 1
+            threading.Thread(target=self._client, args=(c,), daemon=True).start()
+
+    def _client(self, c):
+        c.settimeout(10)
+        try:
+            c.sendall(b'* OK [CAPABILITY %s] fake ready\r\n' % self.caps.encode())
+            buf = b''
+            while True:
+                data = c.recv(4096)
+                if not data:
+                    return
+                with self.lock:
+                    self.received.append(data)
+                buf += data
+                while b'\r\n' in buf:
+                    line, buf = buf.split(b'\r\n', 1)
+                    parts = line.split(b' ', 2)
+                    tag = parts[0]
+                    cmd = parts[1].upper() if len(parts) > 1 else b''
+                    if cmd == b'CAPABILITY':
+                        c.sendall(b'* CAPABILITY %s\r\n%s OK done\r\n' % (self.caps.encode(), tag))
+                    elif cmd == b'LOGOUT':
+                        c.sendall(b'* BYE bye\r\n%s OK done\r\n' % tag)
+                        return
+                    else:
+                        c.sendall(b'%s OK whatever you say\r\n' % tag)  # a careless server
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+    def data(self):
+        with self.lock:
+            return b''.join(self.received)
+
+    def stop(self):
+        self.stopping = True
+        self.sock.close()
+
+
+@unittest.skipUnless(CERTTOOL, 'certtool (gnutls-bin) is not installed')
+class TlsBackendTest(unittest.TestCase):
+    USERS = {'alice': 'pw', 'bob': 'bobpw'}
+    _classtmp = None
+
+    @classmethod
+    def setUpClass(cls):
+        cls._classtmp = tempfile.mkdtemp(prefix='imapproxy-tlsb-')
+        os.chmod(cls._classtmp, 0o755)
+        cls.ca_pem, ca_key = make_ca(cls._classtmp, 'testca')
+        cls.cert = make_server_cert(cls._classtmp, cls.ca_pem, ca_key)
+        cls.rogue_ca_pem, _ = make_ca(cls._classtmp, 'rogueca')
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls._classtmp, ignore_errors=True)
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix='imapproxy-tlsb-')
+        self.dc = None
+        self.px = None
+        self.fake = None
+        self.raw = []
+
+    def tearDown(self):
+        for r in self.raw:
+            r.close()
+        rcs = self.px.stop() if self.px else {}
+        if self.dc:
+            self.dc.stop()
+        if self.fake:
+            self.fake.stop()
+        crashes = self.px.crash_report() if self.px else []
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.assertEqual(crashes, [], 'crash or sanitizer report in the proxy logs')
+        if self.px and self.px.killed_with is None:
+            self.assertEqual(rcs.get('broker'), 0, 'broker exit status after SIGTERM')
+
+    def diagnostics(self):
+        out = []
+        if self.px:
+            out.append('broker log:\n%s' % tail(self.px.broker_log()))
+            out.append('session/listener log:\n%s' % tail(self.px.listener_log()))
+        if self.dc:
+            out.append('dovecot log:\n%s' % tail(self.dc.log()))
+        for r in self.raw:
+            out.append('raw transcript:\n%s' % r.dump())
+        return '\n'.join(out)
+
+    # -- helpers
+
+    def dovecot(self, **kw):
+        self.dc = Dovecot(self.tmp, users=self.USERS, messages=3, tls=self.cert, **kw)
+        return self.dc
+
+    def proxy(self, **conf):
+        conf.setdefault('tls_ca_file', self.ca_pem)
+        self.px = Proxy(self.tmp, self.dc, **conf)
+        return self.px
+
+    def rawc(self):
+        r = RawClient(self.px.port)
+        self.raw.append(r)
+        return r
+
+    def tls_logins(self, user='alice'):
+        """(all, over TLS) Dovecot logins of user."""
+        text = self.dc.settled_log()
+        lines = [m.group(0) for m in LOGIN_LINE_RE.finditer(text) if m.group(1) == user]
+        return len(lines), sum(1 for line in lines if ', TLS' in line)
+
+    def session(self, user='alice', reused=None):
+        m = imap_login(self.px.port, user, self.USERS[user])
+        if reused is not None:
+            self.assertEqual('XPROXYREUSE' in m.untagged_responses, reused, m.untagged_responses)
+        typ, data = m.select('INBOX')
+        self.assertEqual((typ, data), ('OK', [b'3']))
+        typ, data = m.fetch('1:*', '(BODY.PEEK[HEADER.FIELDS (SUBJECT)])')
+        self.assertEqual(typ, 'OK')
+        self.assertIn(b'Test message 3 for %s' % user.encode(), b''.join(
+            d[1] for d in data if isinstance(d, tuple)))
+        self.assertEqual(m.logout()[0], 'BYE')
+
+    def broker_fds(self):
+        return len(os.listdir('/proc/%d/fd' % self.px.broker.pid))
+
+    def expect_unavailable(self):
+        r = self.rawc()
+        _, tagged = r.login('alice', 'pw')
+        self.assertTrue(tagged.startswith(b'L1 NO [UNAVAILABLE]'), tagged)
+        return tagged
+
+    # -- tests
+
+    def test_a_starttls_verified_and_pooled(self):
+        """server_tls starttls: one TLS login at Dovecot serves five client logins."""
+        self.dovecot()
+        self.proxy(server_tls='starttls')
+        for i in range(5):
+            self.session(reused=i > 0)
+        self.assertEqual(self.tls_logins(), (1, 1), 'one Dovecot login, over TLS')
+        self.assertIn('verifying the certificate for 127.0.0.1', self.px.broker_log())
+        # the proxy's greeting shows what holds after STARTTLS: no STARTTLS, logins allowed
+        r = self.rawc()
+        self.assertNotIn(b'STARTTLS', r.greeting)
+        self.assertIn(b'AUTH=PLAIN', r.greeting)
+
+    def test_b_implicit_tls_by_name_and_two_users(self):
+        """server_tls implicit on the imaps port, certificate checked against tls_server_name."""
+        self.dovecot()
+        self.proxy(server_tls='implicit', server_port=self.dc.imaps_port, tls_server_name=SERVER_NAME)
+        for i in range(3):
+            self.session('alice', reused=i > 0)
+            self.session('bob', reused=i > 0)
+        self.assertEqual(self.tls_logins('alice'), (1, 1))
+        self.assertEqual(self.tls_logins('bob'), (1, 1))
+
+    def test_c_wrong_hostname_refused(self):
+        self.dovecot()
+        self.proxy(server_tls='starttls', tls_server_name='mail.elsewhere.example')
+        self.expect_unavailable()
+        log = wait_until(lambda: 'TLS certificate verification failed' in self.px.broker_log()
+                         and self.px.broker_log(), what='verification failure in the broker log')
+        self.assertRegex(log, r'TLS certificate verification failed for mail\.elsewhere\.example: .*'
+                              r'(does not match|hostname)')
+        self.assertEqual(self.tls_logins(), (0, 0), 'no login may reach the server')
+
+    def test_d_unknown_ca_refused(self):
+        self.dovecot()
+        self.proxy(server_tls='implicit', server_port=self.dc.imaps_port, tls_ca_file=self.rogue_ca_pem)
+        self.expect_unavailable()
+        log = wait_until(lambda: 'TLS certificate verification failed' in self.px.broker_log()
+                         and self.px.broker_log(), what='verification failure in the broker log')
+        self.assertRegex(log, r'TLS certificate verification failed for 127\.0\.0\.1: .*'
+                              r'(issuer is unknown|NOT trusted)')
+        self.assertEqual(self.tls_logins(), (0, 0), 'no login may reach the server')
+
+    def test_e_logindisabled_means_starttls(self):
+        """server_tls none (the default), but Dovecot says LOGINDISABLED: STARTTLS anyway."""
+        # Dovecot treats a client on its own address as secure; on 127.0.0.2, reached
+        # from 127.0.0.1, ssl = required makes it say LOGINDISABLED.
+        self.dovecot(ssl='required', address='127.0.0.2')
+        with socket.create_connection(('127.0.0.2', self.dc.port), timeout=5) as s:
+            self.assertIn(b'LOGINDISABLED', s.recv(1024), 'fixture: Dovecot should say LOGINDISABLED')
+        self.proxy(server_hostname='127.0.0.2', tls_server_name=SERVER_NAME)
+        r = self.rawc()
+        self.assertNotIn(b'LOGINDISABLED', r.greeting)
+        self.session(reused=False)
+        self.session(reused=True)
+        self.assertEqual(self.tls_logins(), (1, 1))
+
+    def test_f_starttls_required_but_not_offered(self):
+        """No STARTTLS on offer: no credentials ever leave the broker (also for force_tls yes)."""
+        for conf in ({'server_tls': 'starttls'}, {'force_tls': 'yes'}):
+            with self.subTest(**conf):
+                self.fake = FakeServer()
+                self.px = Proxy(self.tmp, None, server_port=self.fake.port, **conf)
+                r = self.rawc()
+                _, tagged = r.command('L1', 'LOGIN alice s3cretpassw0rd')
+                self.assertTrue(tagged.startswith(b'L1 NO'), tagged)
+                wait_until(lambda: 'does not offer STARTTLS' in self.px.broker_log(),
+                           what='refusal in the broker log')
+                got = self.fake.data()
+                self.assertGreaterEqual(self.fake.connections, 1)
+                self.assertNotIn(b's3cretpassw0rd', got)
+                self.assertNotRegex(got, rb'(?i)\b(LOGIN|AUTHENTICATE)\b', got)
+                r.close()
+                self.px.stop()
+                self.fake.stop()
+                self.fake = None
+
+    def test_g_50mb_fetch_through_the_relay(self):
+        self.dovecot()
+        # a 50 MB message straight into the maildir (base64 lines of random data)
+        size_target = 50 * 1024 * 1024
+        import base64
+        raw = base64.encodebytes(os.urandom(size_target * 3 // 4 + 1024)).replace(b'\n', b'\r\n')
+        msg = (b'From: big@example.org\r\nSubject: fifty megabytes\r\n'
+               b'Message-ID: <big@example.org>\r\n\r\n' + raw[:size_target])
+        md = os.path.join(self.dc.dir, 'home', 'alice', 'Maildir', 'cur')
+        path = os.path.join(md, '%d.Mbig.imapfixture,S=%d:2,' % (int(time.time()), len(msg)))
+        with open(path, 'wb') as f:
+            f.write(msg)
+        self.dc._chown(path)
+        want = hashlib.sha256(msg).hexdigest()
+        self.proxy(server_tls='starttls')
+        for i in range(2):
+            m = imap_login(self.px.port, 'alice', 'pw')
+            typ, data = m.select('INBOX')
+            self.assertEqual(int(data[0]), 4)
+            t0 = time.monotonic()
+            typ, data = m.fetch('4', '(BODY.PEEK[])')
+            dt = time.monotonic() - t0
+            self.assertEqual(typ, 'OK')
+            got = data[0][1]
+            self.assertEqual(len(got), len(msg))
+            self.assertEqual(hashlib.sha256(got).hexdigest(), want, '50 MB message corrupted')
+            print('    [g] 50 MB FETCH through the TLS relay: %.2f s, %.0f MB/s' % (dt, len(msg) / dt / 1e6))
+            self.assertEqual(m.logout()[0], 'BYE')
+        self.assertEqual(self.tls_logins(), (1, 1), 'the second FETCH used the pooled connection')
+
+    def test_h_kick_of_idle_tls_connection_noticed(self):
+        self.dovecot()
+        self.proxy(server_tls='starttls')
+        self.session()
+        wait_until(lambda: self.dc.connections('alice') == 1, what='one pooled connection')
+        fds = self.broker_fds()
+        self.dc.kick('alice')
+        self.dc.wait_logouts(1, 'alice')
+        wait_until(lambda: 'closed while idle' in self.px.broker_log(), what='broker noticing the kick')
+        # the socketpair and the TCP connection are gone too (3 fds per idle TLS connection)
+        wait_until(lambda: self.broker_fds() == fds - 3, what='broker fds %d -> %d' % (fds, fds - 3))
+        self.session(reused=False)
+        self.assertEqual(self.tls_logins(), (2, 2))
+
+    def test_i_expiry_and_dirty_checkin(self):
+        self.dovecot()
+        self.proxy(server_tls='starttls', cache_expiration_time=2)
+        self.session()
+        t0 = time.monotonic()
+        self.dc.wait_logouts(1, 'alice', timeout=8)
+        self.assertGreaterEqual(time.monotonic() - t0, 1.5, 'expired before cache_expiration_time')
+        # a connection made unreusable (ENABLE) is closed at LOGOUT, TLS side included
+        m = imap_login(self.px.port, 'alice', 'pw')
+        self.assertNotIn('XPROXYREUSE', m.untagged_responses)
+        m._simple_command('ENABLE', 'CONDSTORE')
+        self.assertEqual(m.logout()[0], 'BYE')
+        self.dc.wait_logouts(2, 'alice', timeout=3)
+        self.session(reused=False)
+        self.assertEqual(self.tls_logins(), (3, 3))
+
+    def test_j_session_dies_holding_a_tls_connection(self):
+        self.dovecot()
+        self.proxy(server_tls='starttls')
+        # a client that vanishes mid-response: the next login still works
+        r = self.rawc()
+        r.login('alice', 'pw')
+        r.command('S1', 'SELECT INBOX')
+        r.send('F1 FETCH 1:* (BODY.PEEK[])\r\n')
+        r.close()
+        time.sleep(0.3)
+        self.session()
+        fds = self.broker_fds()
+        # a session killed while it holds the lent pair end: the relay closes the TLS side
+        r = self.rawc()
+        _, tagged = r.login('alice', 'pw', tag='K1')
+        self.assertTrue(tagged.startswith(b'K1 OK'), tagged)
+        lp = self.px.listener.pid
+        pid = int(wait_until(lambda: open('/proc/%d/task/%d/children' % (lp, lp)).read().split(),
+                             what='the session process')[0])
+        os.kill(pid, signal.SIGKILL)
+        before = self.dc.logouts('alice', settle=False)
+        self.dc.wait_logouts(before + 1, 'alice', timeout=5)
+        wait_until(lambda: 'went away holding the connection of alice' in self.px.broker_log(),
+                   what='broker noticing the dead session')
+        wait_until(lambda: self.broker_fds() <= fds - 3, what='relay fds closed')
+        self.session(reused=False)
+
+
+    def test_k_verification_off_is_loud(self):
+        """tls_verify_server no: an unknown CA is accepted, and the log says so."""
+        self.dovecot()
+        self.proxy(server_tls='implicit', server_port=self.dc.imaps_port, tls_ca_file=self.rogue_ca_pem,
+                   tls_verify_server='no')
+        self.session()
+        log = self.px.broker_log()
+        self.assertIn("tls_verify_server no: the backend's certificate is NOT checked", log)
+        self.assertIn('NOT verifying the certificate of 127.0.0.1', log)
+        self.assertEqual(self.tls_logins(), (1, 1))
+
+
+if __name__ == '__main__':
+    unittest.main()
