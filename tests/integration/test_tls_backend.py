@@ -316,8 +316,10 @@ class TlsBackendTest(unittest.TestCase):
             m = imap_login(self.px.port, 'alice', 'pw')
             typ, data = m.select('INBOX')
             self.assertEqual(int(data[0]), 4)
+            typ, data = m.search(None, 'LARGER', '1000000')  # maildir order is not creation order
+            self.assertEqual(len(data[0].split()), 1, data)
             t0 = time.monotonic()
-            typ, data = m.fetch('4', '(BODY.PEEK[])')
+            typ, data = m.fetch(data[0].decode(), '(BODY.PEEK[])')
             dt = time.monotonic() - t0
             self.assertEqual(typ, 'OK')
             got = data[0][1]
