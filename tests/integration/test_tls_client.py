@@ -418,6 +418,33 @@ class TlsClientTest(unittest.TestCase):
         self.assertEqual(self.resume_pair(p_tls, self.ctx()), (False, False),
                          'resumed without a shared ticket key?')
 
+    def test_t9_fork_servers(self):
+        """Fork-server sessions (Accept=no): imapproxy-session-tls --fork-server
+        serves implicit TLS (one key load, one fork per client; without a ticket key
+        file the parent's random key still resumes between its children), and a
+        child of imapproxy-session --fork-server hands a STARTTLS client over
+        (--client-fd) to imapproxy-session-tls."""
+        conf = self.tls_conf()
+        del conf['listen_tls_ticket_key_file']
+        self.px = Proxy(self.tmp, self.dc, fork_server=True, **conf)
+        port = free_port()
+        p = _Proc([SOCKET_ACTIVATE, '-l', '127.0.0.1:%d' % port, os.path.abspath(SESSION_TLS), '--fork-server',
+                   '-f', self.px.conf_path], os.path.join(self.tmp, 'tls-fork.log'), 'tls-fork')
+        self.procs.append(p)
+        wait_until(lambda: tcp_listening(port) or not p.alive(), 10.0, what='TLS fork server')
+        self.assertTrue(p.alive(), p.log())
+        self.assertEqual(self.resume_pair(port, self.ctx()), (False, True), 'resumption within one fork server')
+        seen = []
+        for i in range(2):
+            m = self.ssl_client(port)
+            seen.append(self.login_select_logout(m))
+            m, before = self.starttls_client(self.px.port)
+            self.assertIn('STARTTLS', before)
+            self.assertNotIn('STARTTLS', [c.upper() for c in m.capabilities])
+            seen.append(self.login_select_logout(m))
+        self.assertEqual(seen, [False, True, True, True])
+        self.assertEqual(self.dc.logins('alice'), 1)
+
     def test_t8_large_message_through_tls(self):
         """A 3 MB message APPENDed through client TLS and FETCHed back intact
         (both directions: the relay reads and writes many TLS records)."""
