@@ -146,6 +146,9 @@ int resolve_start(Broker *b, const char *host, const char *port, int family, Res
                   void *userdata, Resolve **ret);
 void resolve_cancel(Resolve *r);
 
+/* listen-tls.c: the sessions' client-TLS files, checked once */
+int listen_tls_check(const Config *c);
+
 /* tls.c */
 int tls_init(Broker *b);
 int tls_session_new(Broker *b, int fd, gnutls_session_t *ret);

@@ -148,6 +148,8 @@ int main(int argc, char **argv) {
         if (arg_check_config) {
                 r = tls_init(b); /* the TLS files and priority string are part of the configuration */
                 tls_done(b);
+                if (r >= 0)
+                        r = listen_tls_check(&b->cfg);
                 if (r < 0) {
                         config_done(&b->cfg);
                         return 1;
@@ -176,7 +178,7 @@ int main(int argc, char **argv) {
             (r = sd_event_add_signal(b->event, NULL, SIGHUP, on_hup, b)) < 0)
                 return log_error_errno(r, "signals: %m"), 1;
         /* Trust store and client certificate: once, here (a bad file stops us now). */
-        if (tls_init(b) < 0)
+        if (tls_init(b) < 0 || listen_tls_check(&b->cfg) < 0)
                 return 1;
         if ((r = pool_init(b)) < 0 || (r = resolve_init(b)) < 0 || (r = backend_init(b)) < 0)
                 return log_error_errno(r, "initialisation: %m"), 1;

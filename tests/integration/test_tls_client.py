@@ -39,7 +39,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from imapfixture import (SESSION, SOCKET_ACTIVATE, Dovecot, Proxy, RawClient,  # noqa: E402
+from imapfixture import (BROKER, SESSION, SOCKET_ACTIVATE, Dovecot, Proxy, RawClient,  # noqa: E402
                          _Proc, free_port, tcp_listening, wait_until, FixtureError)
 
 SESSION_TLS = os.environ.get('IMAPPROXY_SESSION_TLS') or os.path.join(
@@ -47,6 +47,8 @@ SESSION_TLS = os.environ.get('IMAPPROXY_SESSION_TLS') or os.path.join(
 CERTTOOL = shutil.which('certtool') or '/usr/bin/certtool'
 CURL = shutil.which('curl') or '/usr/bin/curl'
 MESSAGES = 3
+SHIPPED_TLS_STANZA = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'units', 'xinetd',
+                                  'imapproxy-tls')
 
 
 def tail(text, n=40):
@@ -445,6 +447,49 @@ class TlsClientTest(unittest.TestCase):
         self.assertEqual(seen, [False, True, True, True])
         self.assertEqual(self.dc.logins('alice'), 1)
 
+    def test_t10_broker_checks_client_tls_files(self):
+        """The broker loads the sessions' client-TLS files: --check-config and
+        start-up fail on a certificate that does not load, a key that does not
+        match it, or a priority string GnuTLS rejects, naming the key; a ticket key
+        file of the wrong size is a warning."""
+        other_key = os.path.join(self.tmp, 'other.key')
+        subprocess.run([CERTTOOL, '--generate-privkey', '--key-type=ecdsa', '--outfile', other_key],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+        short = os.path.join(self.tmp, 'short.key')
+        with open(short, 'wb') as f:
+            f.write(b'x' * 10)
+        base = {'server_hostname': '127.0.0.1', 'server_port': self.dc.port,
+                'broker_socket': os.path.join(self.tmp, 'b.sock')}
+
+        def check(**conf):
+            path = os.path.join(self.tmp, 'check.conf')
+            with open(path, 'w') as f:
+                for k, v in dict(base, **conf).items():
+                    f.write('%s %s\n' % (k, v))
+            r = subprocess.run([BROKER, '--check-config', '-f', path], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, timeout=30)
+            return r.returncode, r.stderr.decode(errors='replace')
+        rc, err = check(listen_tls_cert_file=self.cert, listen_tls_key_file=self.key,
+                        listen_tls_ticket_key_file=self.ticket_key)
+        self.assertEqual((rc, err), (0, ''), 'a good client-TLS configuration')
+        rc, err = check(listen_tls_cert_file=os.path.join(self.tmp, 'missing.pem'), listen_tls_key_file=self.key)
+        self.assertEqual(rc, 1)
+        self.assertRegex(err, r'listen_tls_cert_file .*missing\.pem')
+        rc, err = check(listen_tls_cert_file=self.cert, listen_tls_key_file=other_key)
+        self.assertEqual(rc, 1, 'a key that does not match the certificate')
+        self.assertRegex(err, r'listen_tls_key_file .*other\.key')
+        rc, err = check(listen_tls_cert_file=self.cert, listen_tls_key_file=self.key,
+                        listen_tls_priority='NORMAL:+NO-SUCH-THING')
+        self.assertEqual(rc, 1)
+        self.assertRegex(err, r'listen_tls_priority: .*NO-SUCH-THING')
+        rc, err = check(listen_tls_cert_file=self.cert, listen_tls_key_file=self.key,
+                        listen_tls_ticket_key_file=short)
+        self.assertEqual(rc, 0)
+        self.assertRegex(err, r'warning: listen_tls_ticket_key_file .*not exactly 64 bytes')
+        rc, err = check(login_requires_tls='yes')
+        self.assertEqual(rc, 0)
+        self.assertRegex(err, r'warning: login_requires_tls is set but listen_tls_cert_file is not')
+
     def test_t8_large_message_through_tls(self):
         """A 3 MB message APPENDed through client TLS and FETCHed back intact
         (both directions: the relay reads and writes many TLS records)."""
@@ -468,6 +513,44 @@ class TlsClientTest(unittest.TestCase):
         self.assertEqual(typ, 'OK')
         m.logout()
         self.imaps.remove(m)
+
+
+from test_launchers import LauncherTest  # noqa: E402  (the xinetd helpers)
+
+
+class TlsXinetd(LauncherTest):
+    def test_x1_xinetd_shipped_tls_stanza(self):
+        """units/xinetd/imapproxy-tls, with port/bind/server/server_args/user/group
+        adjusted, is accepted by xinetd without complaint and serves implicit TLS:
+        two IMAP4_SSL logins, the second from the pool."""
+        ca, cert, key = make_pki(self.tmp)
+        self.broker_only(listen_tls_cert_file=cert, listen_tls_key_file=key)
+        port = free_port()
+        user, group = self.xinetd_names()
+        with open(SHIPPED_TLS_STANZA) as f:
+            text = f.read()
+        subst = {'port': str(port), 'bind': '127.0.0.1', 'user': user, 'group': group,
+                 'server': os.path.abspath(SESSION_TLS), 'server_args': '-f ' + self.px.conf_path}
+        for key_, value in subst.items():
+            text, n = re.subn(r'(?m)^(\s*%s\s*=\s*).*$' % key_, lambda m: m.group(1) + value, text)
+            self.assertEqual(n, 1, 'the shipped stanza should set %s once' % key_)
+        _, own = self.start_xinetd(text, name='xinetd-tls', ports=[port])
+        log = open(own).read()
+        self.assertRegex(log, r'Started working: 1 available service\b', log)
+        self.assertNotRegex(log, r'(?m)(ERROR|WARNING):', 'xinetd complains about the stanza:\n' + log)
+        ctx = ssl.create_default_context(cafile=ca)
+        seen = []
+        for _ in range(2):
+            m = imaplib.IMAP4_SSL('127.0.0.1', port, ssl_context=ctx, timeout=10)
+            self.imaps.append(m)
+            self.assertNotIn('STARTTLS', m.capabilities)
+            self.assertEqual(m.login('alice', 'pw')[0], 'OK')
+            seen.append('XPROXYREUSE' in m.untagged_responses)
+            self.assertEqual(m.select('INBOX')[0], 'OK')
+            self.assertEqual(m.logout()[0], 'BYE')
+            self.imaps.remove(m)
+        self.assertEqual(seen, [False, True])
+        self.assertEqual(self.dc.logins('alice'), 1)
 
 
 if __name__ == '__main__':
