@@ -552,6 +552,9 @@ class LinkCut(FaultTest):
     The broker runs with backend_link_timeout 3: TCP_USER_TIMEOUT 3 s and keepalive
     probes on idle backend connections."""
 
+    TIMEDOUT_LOG = r'closed while idle \(Connection timed out\)'
+    RESET_LOG = r'closed while idle \(Connection reset by peer\)'
+
     def setUp(self):
         super().setUp()
         self.ns = NetNS()
@@ -585,7 +588,7 @@ class LinkCut(FaultTest):
         self.pooled('alice')
         self.ns.cut(self.dc.port, 'drop')
         dt = self.wait_dropped('alice', LINK_TIMEOUT + 6)
-        self.assertRegex(self.px.broker_log(), r'closed while idle \(Connection timed out\)')
+        self.assertRegex(self.px.broker_log(), self.TIMEDOUT_LOG)
         # While the link stays cut, a login is refused within backend_timeout.
         r = self.rawc(timeout=15)
         self.assertUnavailable(r, 'alice', within=4 + 3)
@@ -596,7 +599,7 @@ class LinkCut(FaultTest):
         self.pooled('alice')
         self.ns.cut(self.dc.port, 'reset')
         dt = self.wait_dropped('alice', LINK_TIMEOUT + 6)
-        self.assertRegex(self.px.broker_log(), r'closed while idle \(Connection reset by peer\)')
+        self.assertRegex(self.px.broker_log(), self.RESET_LOG)
         r = self.rawc(timeout=15)
         self.assertUnavailable(r, 'alice', within=3)
         self.after_heal('alice')
@@ -658,6 +661,36 @@ class LinkCut(FaultTest):
         self.assertRegex(data, rb'\* BYE [^\r\n]*\r\n\Z')
         self.after_heal('alice')
         print('    [d5] session CPU while its client read nothing after the reset: %.2fs in 2s' % cpu)
+
+
+CERTTOOL = shutil.which('certtool')
+
+
+@unittest.skipIf(netns_available() or not CERTTOOL, 'network namespaces or certtool unavailable')
+class LinkCutTls(LinkCut):
+    """The same over STARTTLS: the broker holds the TCP connection and lends one end of
+    a socketpair, so it must notice the dead link and close what it lent."""
+
+    def setUp(self):
+        from test_tls_backend import make_ca, make_server_cert
+        FaultTest.setUp(self)
+        ca_pem, ca_key = make_ca(self.tmp, 'faultca')
+        cert = make_server_cert(self.tmp, ca_pem, ca_key)
+        self.ns = NetNS()
+        self.start_dovecot(netns=self.ns, tls=cert)
+        self.start_proxy(backend_link_timeout=LINK_TIMEOUT, backend_response_timeout=60,
+                         backend_timeout=4, server_tls='starttls', tls_ca_file=ca_pem,
+                         tls_verify_server='no')
+        self.wait_probe()
+
+    def after_heal(self, user):
+        super().after_heal(user)
+        logins = [ln for ln in self.dc.settled_log().splitlines() if 'Login: user=<%s>' % user in ln]
+        self.assertIn(', TLS', logins[-1], 'the new login was not over TLS')
+
+    # XXX: the broker's TLS relay logs GnuTLS's text, not the errno behind it.
+    TIMEDOUT_LOG = RESET_LOG = r'backend TLS connection: Error in the (pull|push) function'
+    test_d5_lent_reset_while_client_reads_nothing = None
 
 
 # ====================================================================== hostile backends
