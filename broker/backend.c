@@ -1032,6 +1032,7 @@ void backend_job_cancel(BackendJob *j) {
 
 static sd_event_source *probe_timer;
 static BackendJob *probe_job;
+static unsigned probe_failures;
 
 static void probe_done(void *userdata, int error, Conn *c, IpcFailStatus status, const char *text) {
         Broker *b = userdata;
@@ -1042,8 +1043,13 @@ static void probe_done(void *userdata, int error, Conn *c, IpcFailStatus status,
                          log_sanitize(b->prelogin_caps, strlen(b->prelogin_caps), clean, sizeof(clean)));
                 return;
         }
-        /* Try again later; sessions greet with a minimal list meanwhile. */
-        (void) sd_event_source_set_time(probe_timer, now_usec() + 5 * 1000000ULL);
+        /* Try again later; sessions greet with a minimal list meanwhile.
+         * Every 5 s for the first half minute, then doubling up to 5 min: a
+         * server that keeps failing (a certificate that does not verify)
+         * must not fill the log. */
+        probe_failures++;
+        unsigned delay = probe_failures <= 6 ? 5u : MIN(5u << MIN(probe_failures - 6, 6u), 300u);
+        (void) sd_event_source_set_time(probe_timer, now_usec() + (uint64_t) delay * 1000000ULL);
         (void) sd_event_source_set_enabled(probe_timer, SD_EVENT_ONESHOT);
 }
 
