@@ -218,6 +218,27 @@ class TlsBackendTest(unittest.TestCase):
         self.assertTrue(tagged.startswith(b'L1 NO [UNAVAILABLE]'), tagged)
         return tagged
 
+    def big_message(self, mb=50):
+        """A message of mb MiB straight into alice's maildir (base64 lines of random data)."""
+        import base64
+        size_target = mb * 1024 * 1024
+        raw = base64.encodebytes(os.urandom(size_target * 3 // 4 + 1024)).replace(b'\n', b'\r\n')
+        msg = (b'From: big@example.org\r\nSubject: a big message\r\n'
+               b'Message-ID: <big@example.org>\r\n\r\n' + raw[:size_target])
+        md = os.path.join(self.dc.dir, 'home', 'alice', 'Maildir', 'cur')
+        path = os.path.join(md, '%d.Mbig.imapfixture,S=%d:2,' % (int(time.time()), len(msg)))
+        with open(path, 'wb') as f:
+            f.write(msg)
+        self.dc._chown(path)
+        return msg
+
+    def broker_rss_kib(self):
+        with open('/proc/%d/status' % self.px.broker.pid) as f:
+            for line in f:
+                if line.startswith('VmRSS:'):
+                    return int(line.split()[1])
+        return 0
+
     # -- tests
 
     def test_a_starttls_verified_and_pooled(self):
@@ -299,17 +320,7 @@ class TlsBackendTest(unittest.TestCase):
 
     def test_g_50mb_fetch_through_the_relay(self):
         self.dovecot()
-        # a 50 MB message straight into the maildir (base64 lines of random data)
-        size_target = 50 * 1024 * 1024
-        import base64
-        raw = base64.encodebytes(os.urandom(size_target * 3 // 4 + 1024)).replace(b'\n', b'\r\n')
-        msg = (b'From: big@example.org\r\nSubject: fifty megabytes\r\n'
-               b'Message-ID: <big@example.org>\r\n\r\n' + raw[:size_target])
-        md = os.path.join(self.dc.dir, 'home', 'alice', 'Maildir', 'cur')
-        path = os.path.join(md, '%d.Mbig.imapfixture,S=%d:2,' % (int(time.time()), len(msg)))
-        with open(path, 'wb') as f:
-            f.write(msg)
-        self.dc._chown(path)
+        msg = self.big_message()
         want = hashlib.sha256(msg).hexdigest()
         self.proxy(server_tls='starttls')
         for i in range(2):
@@ -397,6 +408,44 @@ class TlsBackendTest(unittest.TestCase):
         self.assertIn("tls_verify_server no: the backend's certificate is NOT checked", log)
         self.assertIn('NOT verifying the certificate of 127.0.0.1', log)
         self.assertEqual(self.tls_logins(), (1, 1))
+
+
+    def test_l_slow_reader_backpressure(self):
+        """A client that stops reading mid-FETCH: the relay stops reading the server
+        (bounded buffers), the broker's memory does not grow, nothing is lost."""
+        self.dovecot()
+        msg = self.big_message(20)
+        self.proxy(server_tls='starttls')
+        r = self.rawc()
+        r.login('alice', 'pw')
+        r.command('S1', 'SELECT INBOX')
+        _, tagged = r.command('S2', 'SEARCH LARGER 1000000')
+        seq = int([u for u in _ if u.startswith(b'* SEARCH')][0].split()[2])
+        rss0 = self.broker_rss_kib()
+        r.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        r.send('F1 FETCH %d (BODY.PEEK[])\r\n' % seq)
+        head = r.readline(timeout=10)
+        self.assertRegex(head, rb'^\* %d FETCH \(BODY\[\] \{%d\}\r\n$' % (seq, len(msg)))
+        time.sleep(1.5)  # not reading: everything backs up to Dovecot
+        grown = self.broker_rss_kib() - rss0
+        print('    [l] broker RSS growth while the client does not read: %d KiB' % grown)
+        self.assertLess(grown, 4096, 'the relay buffered what the client did not read')
+        data = bytearray(r.buf)
+        r.buf = b''
+        r.sock.settimeout(20)
+        while len(data) < len(msg) + 3:
+            chunk = r.sock.recv(1 << 20)
+            self.assertTrue(chunk, 'EOF mid-literal after %d bytes' % len(data))
+            data += chunk
+        data = bytes(data)
+        self.assertEqual(hashlib.sha256(data[:len(msg)]).hexdigest(), hashlib.sha256(msg).hexdigest())
+        r.buf = data[len(msg):]
+        self.assertEqual(r.readline(), b')\r\n')
+        self.assertTrue(r.readline().startswith(b'F1 OK'))
+        r.command('Z', 'LOGOUT')
+        m = imap_login(self.px.port, 'alice', 'pw')
+        self.assertIn('XPROXYREUSE', m.untagged_responses, 'the connection is reusable afterwards')
+        self.assertEqual(m.logout()[0], 'BYE')
 
 
 if __name__ == '__main__':
