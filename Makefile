@@ -18,6 +18,7 @@ sysconfdir ?= /etc
 mandir     ?= $(prefix)/share/man
 docdir     ?= $(prefix)/share/doc/imapproxy
 unitdir    ?= $(prefix)/lib/systemd/system
+catalogdir ?= $(prefix)/lib/systemd/catalog
 
 WARNINGS := -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wmissing-prototypes \
             -Wformat=2 -Wvla -Wno-unused-parameter
@@ -179,7 +180,7 @@ check-nspawn:
 	$(MAKE) $(BINARIES)
 	./tests/nspawn/check-nspawn
 
-install: all
+install: all install-catalog
 	install -Dm0755 broker/imapproxy-broker $(DESTDIR)$(sbindir)/imapproxy-broker
 	install -Dm0755 session/imapproxy-session $(DESTDIR)$(libexecdir)/imapproxy-session
 	install -Dm0755 session/imapproxy-session-tls $(DESTDIR)$(libexecdir)/imapproxy-session-tls
@@ -203,6 +204,11 @@ install: all
 	    units/xinetd/imapproxy > $(DESTDIR)$(docdir)/xinetd.imapproxy
 	sed -e 's|/usr/local/libexec|$(libexecdir)|g' -e 's|/etc/imapproxy.conf|$(sysconfdir)/imapproxy.conf|g' \
 	    units/xinetd/imapproxy-tls > $(DESTDIR)$(docdir)/xinetd.imapproxy-tls
+
+# journald message catalog (journalctl -x); the system's database is
+# rebuilt by journalctl --update-catalog (Debian's systemd trigger does it).
+install-catalog:
+	install -Dm0644 doc/imapproxy.catalog $(DESTDIR)$(catalogdir)/imapproxy.catalog
 
 # Benchmark (bench/README.md): the load generator, and the libc-only greeter
 # that the session's exec-to-greeting latency is compared with, built twice:
@@ -234,6 +240,6 @@ clean:
 	rm -rf build
 
 FORCE:
-.PHONY: all check check-nspawn tests-build install clean fuzz FORCE
+.PHONY: all check check-nspawn tests-build install install-catalog clean fuzz FORCE
 .SECONDARY:
 -include $(wildcard */*.d tests/*/*.d $(MUSL_DIR)/*/*.d $(TLS_DIR)/*/*.d)

@@ -185,8 +185,11 @@ static void job_finish(BackendJob *j, int error, IpcFailStatus status, const cha
 }
 
 static void job_fail(BackendJob *j, int error, const char *why) {
-        log_warning("backend %s:%s: %s failed for %s: %s", j->broker->cfg.server_hostname,
-                    j->broker->cfg.server_port, phase_names[j->phase], j->probe ? "(probe)" : j->user, why);
+        log_struct(LOG_WARNING, IMAPPROXY_MSGID_BACKEND_UNREACHABLE,
+                   LOG_FIELDS({ "IMAPPROXY_BACKEND", j->broker->backend_name },
+                              { "IMAPPROXY_USER", j->probe ? NULL : j->user }),
+                   "backend %s: %s failed for %s: %s", j->broker->backend_name, phase_names[j->phase],
+                   j->probe ? "(probe)" : j->user, why);
         job_finish(j, error < 0 ? error : -EIO, 0, NULL);
 }
 

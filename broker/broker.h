@@ -72,6 +72,7 @@ struct Broker {
         sd_event *event;
         Config cfg;
         const char *config_path;
+        char backend_name[300];          /* "host:port", IMAPPROXY_BACKEND= of log lines */
 
         int listen_fd;
         bool listen_fd_inherited;
@@ -124,6 +125,7 @@ void pool_return_dirty(Broker *b, Conn *c, int fd);
 void pool_conn_free(Conn *c, bool logout);
 void pool_drop_user_except(Broker *b, const char *user, const char *authzid, const uint8_t verifier[VERIFIER_SIZE]);
 void pool_logout_all(Broker *b);
+void pool_config_changed(Broker *b);
 void compute_verifier(const Broker *b, const char *user, const char *authzid, const char *password,
                       uint8_t ret[VERIFIER_SIZE]);
 Conn *conn_new_lent(Broker *b, int fd, const char *user, const char *authzid, const uint8_t verifier[VERIFIER_SIZE],
@@ -162,4 +164,11 @@ int peer_listen(Broker *b);
 void peer_close_all(Broker *b);
 
 /* main.c */
+extern const char *arg_config;
 void broker_update_status(Broker *b);
+void status_send(Broker *b);
+
+/* reload.c */
+int broker_config_read(Config *c, const char *path, char *err, size_t errsize);
+void broker_apply_config(Broker *b);
+int broker_reload(Broker *b);

@@ -8,6 +8,10 @@
  *	probes the backend for its capabilities, tells systemd READY=1 and
  *	runs sd-event until SIGTERM/SIGINT. On stop it logs out every idle
  *	connection; lent ones belong to their sessions and are left alone.
+ *	SIGHUP reloads the configuration (reload.c). With WATCHDOG_USEC set
+ *	(WatchdogSec=), a timer at half the interval sends WATCHDOG=1: the
+ *	pings stop when the event loop does. STATUS= is refreshed at most every
+ *	STATUS_INTERVAL_USEC when something changed.
  *	Owns the Broker object.
  */
 #include <errno.h>
@@ -27,7 +31,7 @@
 
 #define STATUS_INTERVAL_USEC (2 * 1000000ULL)
 
-static const char *arg_config = SYSCONFDIR "/imapproxy.conf";
+const char *arg_config = SYSCONFDIR "/imapproxy.conf";
 static bool arg_check_config;
 
 static bool status_dirty;
@@ -37,7 +41,7 @@ void broker_update_status(Broker *b) {
         status_dirty = true;
 }
 
-static void status_send(Broker *b) {
+void status_send(Broker *b) {
         char text[256];
         if (stats_format_status(b, text, sizeof(text)) >= 0)
                 (void) sd_notifyf(false, "STATUS=%s", text);
@@ -52,22 +56,46 @@ static int status_on_timer(sd_event_source *s, uint64_t usec, void *userdata) {
         return 0;
 }
 
+static int watchdog_on_timer(sd_event_source *s, uint64_t usec, void *userdata) {
+        uint64_t interval = *(const uint64_t *) userdata;
+        (void) sd_notify(false, "WATCHDOG=1");
+        (void) sd_event_source_set_time(s, usec + interval);
+        return 0;
+}
+
+/* WatchdogSec=: ping at half the interval from the event loop itself. */
+static int watchdog_setup(Broker *b, sd_event_source **ret) {
+        static uint64_t interval;
+        uint64_t usec = 0;
+        int r = sd_watchdog_enabled(false, &usec);
+        if (r <= 0 || usec == 0)
+                return 0;
+        interval = usec / 2;
+        r = sd_event_add_time_relative(b->event, ret, CLOCK_MONOTONIC, 0, 0, watchdog_on_timer, &interval);
+        if (r < 0)
+                return log_error_errno(r, "watchdog timer: %m");
+        (void) sd_event_source_set_enabled(*ret, SD_EVENT_ON);
+        log_debug("watchdog: pinging every %llu ms", (unsigned long long) (interval / 1000));
+        return 1;
+}
+
 static int on_stop_signal(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
         Broker *b = userdata;
-        log_info("received %s: logging out %u idle connections and exiting", strsignal((int) si->ssi_signo), b->n_idle);
+        char idle[16];
+        (void) snprintf(idle, sizeof(idle), "%u", b->n_idle);
         (void) sd_notify(false, "STOPPING=1");
+        log_struct(LOG_INFO, IMAPPROXY_MSGID_BROKER_STOPPING,
+                   LOG_FIELDS({ "IMAPPROXY_BACKEND", b->backend_name }, { "IMAPPROXY_IDLE", idle }),
+                   "received %s: logging out %u idle connections and exiting", strsignal((int) si->ssi_signo),
+                   b->n_idle);
         b->stopping = true;
         pool_logout_all(b);
         return sd_event_exit(sd_event_source_get_event(s), 0);
 }
 
 static int on_hup(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
-        log_notice("SIGHUP: configuration reload is not supported yet; restart to apply changes");
+        (void) broker_reload(userdata);
         return 0;
-}
-
-static void config_warn(void *userdata, const char *msg) {
-        log_warning("%s", msg);
 }
 
 static void help(void) {
@@ -108,30 +136,20 @@ static int parse_argv(int argc, char **argv) {
 
 static int load_config(Broker *b) {
         char err[512];
-        int r = config_init(&b->cfg);
-        if (r < 0)
-                return log_error_errno(r, "config: %m");
-        r = config_load(&b->cfg, arg_config, config_warn, NULL, err, sizeof(err));
+        int r = broker_config_read(&b->cfg, arg_config, err, sizeof(err));
         if (r < 0)
                 return log_error_errno(r, "%s", err);
-        int n_auth = !!b->cfg.auth_shared_secret + !!b->cfg.auth_sasl_plain_username + !!b->cfg.auth_sasl_plain_password;
-        if (n_auth != 0 && n_auth != 3)
-                return log_error_errno(-EINVAL, "%s: proxy authentication needs all of auth_shared_secret, "
-                                       "auth_sasl_plain_username and auth_sasl_plain_password", arg_config);
-        if (n_auth == 3)
+        if (proxy_auth_enabled(b))
                 log_info("proxy authentication: clients log in with the shared secret, the backend sees %s",
                          b->cfg.auth_sasl_plain_username);
-        if (!b->cfg.server_hostname)
-                return log_error_errno(-EINVAL, "%s: server_hostname is not set: which IMAP server should we cache?",
-                                       arg_config);
-        config_check(&b->cfg, config_warn, NULL);
+        broker_apply_config(b);
         return 0;
 }
 
 int main(int argc, char **argv) {
         Broker broker = { .listen_fd = -EBADF, .resolve_pipe = { -EBADF, -EBADF } };
         Broker *b = &broker;
-        sd_event_source *status_timer = NULL;
+        sd_event_source *status_timer = NULL, *watchdog_timer = NULL;
         sigset_t mask;
         int r;
 
@@ -142,9 +160,6 @@ int main(int argc, char **argv) {
         }
         if (load_config(b) < 0)
                 return 1;
-        log_set_facility(b->cfg.syslog_facility);
-        if (!getenv("IMAPPROXY_LOG_LEVEL"))
-                log_set_max_level(b->cfg.syslog_prioritymask);
         if (arg_check_config) {
                 r = tls_init(b); /* the TLS files and priority string are part of the configuration */
                 tls_done(b);
@@ -189,17 +204,21 @@ int main(int argc, char **argv) {
                                        status_on_timer, b);
         if (r >= 0)
                 (void) sd_event_source_set_enabled(status_timer, SD_EVENT_ON);
+        if (watchdog_setup(b, &watchdog_timer) < 0)
+                return 1;
 
-        log_info("imapproxy-broker ready: backend %s:%s (server_tls %s), cache_size %u, cache_expiration_time %u s, socket %s",
-                 b->cfg.server_hostname, b->cfg.server_port, server_tls_to_string(config_server_tls(&b->cfg)),
-                 b->cfg.cache_size, b->cfg.cache_expiration_time,
-                 b->listen_fd_inherited ? "(inherited)" : b->cfg.broker_socket);
+        log_struct(LOG_INFO, IMAPPROXY_MSGID_BROKER_STARTED, LOG_FIELDS({ "IMAPPROXY_BACKEND", b->backend_name }),
+                   "imapproxy-broker ready: backend %s (server_tls %s), cache_size %u, cache_expiration_time %u s, "
+                   "socket %s",
+                   b->backend_name, server_tls_to_string(config_server_tls(&b->cfg)), b->cfg.cache_size,
+                   b->cfg.cache_expiration_time, b->listen_fd_inherited ? "(inherited)" : b->cfg.broker_socket);
         (void) sd_notify(false, "READY=1");
         status_send(b);
 
         r = sd_event_loop(b->event);
 
         status_timer = sd_event_source_disable_unref(status_timer);
+        watchdog_timer = sd_event_source_disable_unref(watchdog_timer);
         peer_close_all(b);
         backend_done(b);
         pool_done(b);

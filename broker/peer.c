@@ -59,6 +59,8 @@ struct Peer {
         BackendJob *job;
         Conn *lease;
         char user[IPC_USER_MAX]; /* of the pending checkout, for logs */
+        char client[IPC_ADDR_MAX]; /* the session's client address, "" if unknown, for logs */
+        char pidtext[16];          /* IMAPPROXY_SESSION_PID= */
         Peer *next, *prev;
 };
 
@@ -124,8 +126,15 @@ static int peer_lend(Peer *p, Conn *c, bool reused) {
         peer_enter_state(p, PEER_LEASED);
         /* One line per login would be the busiest log of a webmail host: hits
          * are counted (STATUS=) and logged at debug level; misses at info. */
-        log_full(reused ? LOG_DEBUG : LOG_INFO, "login %s: %s (session %d)", c->user,
-                 reused ? "cache hit" : "new backend connection", (int) p->pid);
+        log_struct(reused ? LOG_DEBUG : LOG_INFO, reused ? IMAPPROXY_MSGID_LOGIN_CACHED : IMAPPROXY_MSGID_LOGIN_NEW,
+                   LOG_FIELDS({ "IMAPPROXY_USER", c->user },
+                              { "IMAPPROXY_AUTHZID", c->authzid[0] ? c->authzid : NULL },
+                              { "IMAPPROXY_CLIENT", p->client[0] ? p->client : NULL },
+                              { "IMAPPROXY_CACHE", reused ? "hit" : "miss" },
+                              { "IMAPPROXY_BACKEND", b->backend_name },
+                              { "IMAPPROXY_SESSION_PID", p->pidtext }),
+                   "login %s: %s (session %d)", c->user, reused ? "cache hit" : "new backend connection",
+                   (int) p->pid);
         broker_update_status(b);
         return 0;
 }
@@ -142,7 +151,13 @@ static void peer_on_backend_done(void *userdata, int error, Conn *c, IpcFailStat
         } else {
                 if (status == IPC_FAIL_NO || status == IPC_FAIL_BAD) {
                         char clean[256];
-                        log_notice("login %s failed: %s", p->user, log_sanitize(text, strlen(text), clean, sizeof(clean)));
+                        log_struct(LOG_NOTICE, IMAPPROXY_MSGID_LOGIN_FAILED,
+                                   LOG_FIELDS({ "IMAPPROXY_USER", p->user },
+                                              { "IMAPPROXY_CLIENT", p->client[0] ? p->client : NULL },
+                                              { "IMAPPROXY_BACKEND", b->backend_name },
+                                              { "IMAPPROXY_SESSION_PID", p->pidtext }),
+                                   "login %s failed: %s", p->user,
+                                   log_sanitize(text, strlen(text), clean, sizeof(clean)));
                 }
                 peer_enter_state(p, PEER_READY);
                 r = peer_send_fail(p, status, text);
@@ -173,9 +188,14 @@ static int peer_on_checkout(Peer *p, struct ipc_checkout *m) {
         int r;
 
         snprintf(p->user, sizeof(p->user), "%s", m->user);
+        snprintf(p->client, sizeof(p->client), "%s", m->client_addr);
         if (proxy_auth_enabled(b) &&
             (m->authzid[0] != '\0' || !secret_equal(b, m->password, b->cfg.auth_shared_secret))) {
-                log_notice("login %s failed: not the shared secret (auth_shared_secret)", m->user);
+                log_struct(LOG_NOTICE, IMAPPROXY_MSGID_LOGIN_FAILED,
+                           LOG_FIELDS({ "IMAPPROXY_USER", p->user },
+                                      { "IMAPPROXY_CLIENT", p->client[0] ? p->client : NULL },
+                                      { "IMAPPROXY_SESSION_PID", p->pidtext }),
+                           "login %s failed: not the shared secret (auth_shared_secret)", p->user);
                 b->stats.login_failures++;
                 return peer_send_fail(p, IPC_FAIL_NO, "[AUTHENTICATIONFAILED] Authentication failed.");
         }
@@ -313,6 +333,7 @@ static int listen_on_accept(sd_event_source *s, int fd, uint32_t revents, void *
                 p->broker = b;
                 p->fd = cfd;
                 p->pid = cred.pid;
+                (void) snprintf(p->pidtext, sizeof(p->pidtext), "%d", (int) cred.pid);
                 p->uid = cred.uid;
                 p->state = PEER_NEW;
                 int r = sd_event_add_io(b->event, &p->io, cfd, EPOLLIN, peer_on_io, p);

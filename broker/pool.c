@@ -236,12 +236,21 @@ static int idle_drain(Conn *c) {
         }
 }
 
+static void log_conn_dead(const Conn *c, int r, const char *when) {
+        log_struct(LOG_INFO, IMAPPROXY_MSGID_BACKEND_DEAD,
+                   LOG_FIELDS({ "IMAPPROXY_USER", c->user },
+                              { "IMAPPROXY_AUTHZID", c->authzid[0] ? c->authzid : NULL },
+                              { "IMAPPROXY_CACHE", "dead" },
+                              { "IMAPPROXY_BACKEND", c->broker->backend_name }),
+                   "backend connection of %s %s (%s)", c->user, when,
+                   r == -ESHUTDOWN ? "server said BYE" : r == -EPROTO ? "unexpected data" : strerror(-r));
+}
+
 static int idle_on_io(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
         Conn *c = userdata;
         int r = idle_drain(c);
         if (r < 0) {
-                log_info("backend connection of %s closed while idle (%s)", c->user,
-                         r == -ESHUTDOWN ? "server said BYE" : r == -EPROTO ? "unexpected data" : strerror(-r));
+                log_conn_dead(c, r, "closed while idle");
                 c->broker->stats.dead++;
                 pool_conn_free(c, false);
         }
@@ -254,7 +263,13 @@ static int expiry_on_timer(sd_event_source *s, uint64_t usec, void *userdata) {
 
         while (b->idle_head && b->idle_head->idle_since_usec + ttl <= usec) {
                 Conn *c = b->idle_head;
-                log_debug("backend connection of %s expired after %u s idle", c->user, b->cfg.cache_expiration_time);
+                log_struct(LOG_INFO, IMAPPROXY_MSGID_CACHE_EXPIRED,
+                           LOG_FIELDS({ "IMAPPROXY_USER", c->user },
+                                      { "IMAPPROXY_AUTHZID", c->authzid[0] ? c->authzid : NULL },
+                                      { "IMAPPROXY_CACHE", "expired" },
+                                      { "IMAPPROXY_BACKEND", b->backend_name }),
+                           "backend connection of %s expired after %u s idle", c->user,
+                           b->cfg.cache_expiration_time);
                 b->stats.expired++;
                 pool_conn_free(c, true);
         }
@@ -340,7 +355,7 @@ int pool_checkout(Broker *b, const char *user, const char *authzid, const uint8_
                         /* Never lend a dead one: look at what arrived since the last wake-up. */
                         int r = idle_drain(c);
                         if (r < 0) {
-                                log_info("backend connection of %s found dead at checkout", c->user);
+                                log_conn_dead(c, r, "found dead at checkout");
                                 b->stats.dead++;
                                 pool_conn_free(c, false);
                         } else {
@@ -443,10 +458,20 @@ int pool_checkin(Broker *b, Conn *c, int fd) {
         /* Something may already be waiting (a BYE sent while it was lent). */
         r = idle_drain(c);
         if (r < 0) {
+                log_conn_dead(c, r, "dead when it came back");
                 b->stats.dead++;
                 pool_conn_free(c, false);
                 return 0;
         }
         broker_update_status(b);
         return 0;
+}
+
+/* After a reload: a smaller cache_size closes the oldest idle connections
+ * now; a new cache_expiration_time applies to the connections already idle
+ * (counted from when each became idle). */
+void pool_config_changed(Broker *b) {
+        while (pool_total(b) > b->cfg.cache_size && b->idle_head)
+                pool_conn_free(b->idle_head, true);
+        expiry_rearm(b);
 }

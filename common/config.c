@@ -1055,7 +1055,7 @@ unsigned config_diff(const Config *a, const Config *b, ConfigDiffFn fn, void *us
                         same = *(const int *) fa == *(const int *) fb;
                         break;
                 default:
-                        same = true;
+                        same = false; /* a type this function does not know: assume it changed */
                         break;
                 }
                 if (!same) {

@@ -107,6 +107,8 @@ static void client_address(Session *s) {
                 sockaddr_text(&ss, s->local_addr, sizeof(s->local_addr), &s->local_port);
         if (s->client_port > 65535)
                 s->client_port = 0;
+        if (s->client_addr[0])
+                log_set_context("IMAPPROXY_CLIENT", s->client_addr); /* on every journal line of this client */
 }
 
 static void config_warn(void *userdata, const char *msg) {

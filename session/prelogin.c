@@ -118,6 +118,7 @@ static int login_with(Prelogin *p, const char *tag, const char *user, const char
                 return login_failed(p, tag, "NO", "[LIMIT] User name or password too long.");
         if (strcmp(authzid, user) == 0)
                 authzid = ""; /* the same identity: one pool entry with LOGIN */
+        log_set_context("IMAPPROXY_USER", user);
 
         r = broker_checkout(s, user, authzid, password, &fail);
         if (r < 0) {

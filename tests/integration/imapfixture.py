@@ -502,7 +502,8 @@ class Proxy:
     """
 
     def __init__(self, tmpdir, dovecot, inetd=True, start=True, port=None,
-                 listen_address='127.0.0.1', fork_server=False, session_args=(), **conf):
+                 listen_address='127.0.0.1', fork_server=False, session_args=(),
+                 wrap=(), broker_env=None, listener_env=None, **conf):
         if not os.path.isdir(tmpdir):
             raise FixtureError('no such directory: %s' % tmpdir)
         self.dir = os.path.join(os.path.abspath(tmpdir), 'proxy-%d' % free_port())
@@ -513,6 +514,11 @@ class Proxy:
         # listening socket (Accept=no) and forks per connection.
         self.fork_server = fork_server
         self.session_args = list(session_args)
+        # wrap: argv prefix for broker and listener (e.g. nsenter into a mount
+        # namespace); *_env: extra environment (NOTIFY_SOCKET, JOURNAL_STREAM...)
+        self.wrap = list(wrap)
+        self.broker_env = dict(broker_env or {})
+        self.listener_env = dict(listener_env or {})
         self.broker_socket = os.path.join(self.dir, 'broker.sock')
         self.conf_path = os.path.join(self.dir, 'imapproxy.conf')
         self.broker_log_path = os.path.join(self.dir, 'broker.log')
@@ -572,7 +578,8 @@ class Proxy:
         if self.broker and self.broker.alive():
             raise FixtureError('broker already running')
         self.killed_with = None  # signal a test sent with kill_broker()
-        self.broker = _Proc([BROKER, '-f', self.conf_path], self.broker_log_path, 'broker')
+        self.broker = _Proc(self.wrap + [BROKER, '-f', self.conf_path], self.broker_log_path, 'broker',
+                            env=self.broker_env)
 
         def ready():
             if not self.broker.alive():
@@ -610,7 +617,10 @@ class Proxy:
         for _ in range(attempts):
             port = self.fixed_port or free_port()
             addr = self.listen_address
-            argv = [SOCKET_ACTIVATE, '-l', '%s:%d' % ('[%s]' % addr if ':' in addr else addr, port)]
+            argv = self.wrap + [SOCKET_ACTIVATE, '-l', '%s:%d' % ('[%s]' % addr if ':' in addr else addr, port)]
+            # systemd-socket-activate passes its children only what -E names
+            for k in sorted(self.listener_env):
+                argv += ['-E', k]
             if self.fork_server:
                 argv += [os.path.abspath(SESSION), '--fork-server'] + self.session_args
             else:
@@ -619,7 +629,7 @@ class Proxy:
                     argv.append('--inetd')
                 argv += [os.path.abspath(SESSION)] + self.session_args
             argv += ['-f', self.conf_path]
-            self.listener = _Proc(argv, self.listener_log_path, 'listener')
+            self.listener = _Proc(argv, self.listener_log_path, 'listener', env=self.listener_env)
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 # systemd-socket-activate logs "Listening on ADDR as 3." once it listens.

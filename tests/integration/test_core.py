@@ -40,6 +40,7 @@ class ProxyTest(unittest.TestCase):
     USERS = {'alice': 'pw', 'bob': 'bobpw'}
     PROXY_CONF = {}
     START_PROXY = True
+    DOVECOT_EXTRA = ''
     _tmpdirs = []
 
     def setUp(self):
@@ -48,7 +49,7 @@ class ProxyTest(unittest.TestCase):
         self.dc = None
         self.px = None
         self.raw = []
-        self.dc = Dovecot(self.tmp, users=self.USERS, messages=MESSAGES)
+        self.dc = Dovecot(self.tmp, users=self.USERS, messages=MESSAGES, extra_conf=self.DOVECOT_EXTRA)
         if self.START_PROXY:
             self.px = self.start_proxy(**self.PROXY_CONF)
 
