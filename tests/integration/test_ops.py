@@ -416,6 +416,29 @@ class Journal(ProxyTest):
         self.assertEqual(px.listener_log().count('imapproxy-session['), 0, px.listener_log())
 
 
+@unittest.skipUnless(os.geteuid() == 0 and shutil.which('unshare'), 'needs root and unshare')
+class JournalFallback(ProxyTest):
+    START_PROXY = False
+
+    def test_no_journald_falls_back_to_stderr(self):
+        # An empty tmpfs over /run/systemd in a mount namespace of their own:
+        # no journal socket, whatever the host runs.
+        wrap = ['unshare', '-m', '--propagation', 'private', 'sh', '-c',
+                'mount -t tmpfs tmpfs /run/systemd && exec "$@"', 'sh']
+        px = self.start_proxy(start=False, wrap=wrap)
+        px.broker_env = {'JOURNAL_STREAM': journal_stream(px.broker_log_path)}
+        px.listener_env = {'IMAPPROXY_LOG_TARGET': 'journal', 'IMAPPROXY_LOG_LEVEL': 'debug'}
+        px.start()
+        m = self.login('alice')
+        self.logout(m)
+        # journal stream on stderr: "<priority>text", as systemd expects there
+        wait_until(lambda: '<6>login alice: new backend connection' in px.broker_log(), 5,
+                   what='the login line on stderr')
+        self.assertIn('<6>imapproxy-broker ready', px.broker_log())
+        wait_until(lambda: re.search(r'imapproxy-session\[\d+\]: debug: ', px.listener_log()), 5,
+                   what='session lines on stderr')
+
+
 # ------------------------------------------------------------------ sd_notify, watchdog, reload
 
 class NotifySocket:
