@@ -287,6 +287,15 @@ static bool gnutls_again(ssize_t n) {
         return n == GNUTLS_E_AGAIN || n == GNUTLS_E_INTERRUPTED;
 }
 
+/* A transport error says why the link died (ETIMEDOUT after
+ * backend_link_timeout, ECONNRESET): GnuTLS alone only says "pull". */
+static void relay_log_error(ssize_t n, int saved_errno) {
+        if ((n == GNUTLS_E_PULL_ERROR || n == GNUTLS_E_PUSH_ERROR) && saved_errno > 0 && saved_errno != EAGAIN)
+                log_info("backend TLS connection: %s (%s)", gnutls_strerror((int) n), strerror(saved_errno));
+        else
+                log_info("backend TLS connection: %s", gnutls_strerror((int) n));
+}
+
 /* Server -> pair. Returns bytes moved. */
 static size_t relay_down(TlsRelay *r, size_t budget) {
         size_t moved = 0;
@@ -321,6 +330,7 @@ static size_t relay_down(TlsRelay *r, size_t budget) {
                         return moved;
                 }
                 ssize_t n = gnutls_record_recv(r->tls, r->down.data, RELAY_BUF);
+                int saved_errno = errno;
                 if (n > 0) {
                         r->down.len = (size_t) n;
                         continue;
@@ -336,7 +346,7 @@ static size_t relay_down(TlsRelay *r, size_t budget) {
                         continue;
                 }
                 if (n != 0 && n != GNUTLS_E_PREMATURE_TERMINATION)
-                        log_info("backend TLS connection: %s", gnutls_strerror((int) n));
+                        relay_log_error(n, saved_errno);
                 r->net_eof = true;
                 return moved;
         }
@@ -354,13 +364,14 @@ static size_t relay_up(TlsRelay *r, size_t budget) {
                         }
                         ssize_t n = r->up_again ? gnutls_record_send(r->tls, NULL, 0)
                                                 : gnutls_record_send(r->tls, r->up.data + r->up.pos, r->up.len - r->up.pos);
+                        int saved_errno = errno;
                         if (gnutls_again(n)) {
                                 r->up_again = true;
                                 return moved;
                         }
                         r->up_again = false;
                         if (n < 0) {
-                                log_info("backend TLS connection: %s", gnutls_strerror((int) n));
+                                relay_log_error(n, saved_errno);
                                 r->net_eof = true;
                                 relay_buf_clear(&r->up);
                                 break;
