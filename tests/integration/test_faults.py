@@ -688,8 +688,8 @@ class LinkCutTls(LinkCut):
         logins = [ln for ln in self.dc.settled_log().splitlines() if 'Login: user=<%s>' % user in ln]
         self.assertIn(', TLS', logins[-1], 'the new login was not over TLS')
 
-    # XXX: the broker's TLS relay logs GnuTLS's text, not the errno behind it.
-    TIMEDOUT_LOG = RESET_LOG = r'backend TLS connection: Error in the (pull|push) function'
+    TIMEDOUT_LOG = r'backend TLS connection: Error in the (pull|push) function\. \(Connection timed out\)'
+    RESET_LOG = r'backend TLS connection: Error in the (pull|push) function\. \(Connection reset by peer\)'
     test_d5_lent_reset_while_client_reads_nothing = None
 
 
