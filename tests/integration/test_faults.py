@@ -856,6 +856,27 @@ class BadBackend(FaultTest):
         g = self.rawc()
         self.assertLess(len(g.greeting), 8192, 'greeting of %d bytes' % len(g.greeting))
 
+        # A list longer than the broker keeps (2 KB), short enough to be parsed: what
+        # it keeps are whole capabilities, never a cut one such as AUTH=PLAIN out of
+        # AUTH=PLAINX.
+        sent = [b'IMAP4rev1'] + [b'X-LONG-CAPABILITY-%04d' % i for i in range(130)] + [b'AUTH=PLAIN']
+
+        def long(c):
+            c.send(b'* OK [CAPABILITY ' + b' '.join(sent) + b'] long.\r\n')
+            c.forward(self.dc.port, swallow_greeting=True)
+        self.fake.push(long)
+        r = self.rawc(timeout=10)
+        _, t = r.login('alice', self.USERS['alice'], tag='W2')
+        self.assertRegex(t, rb'^W2 OK ', r.dump())
+        g = self.rawc()
+        shown = re.search(rb'\[CAPABILITY ([^\]]*)\]', g.greeting).group(1).split()
+        ours = {b'XIMAPPROXY', b'AUTH=PLAIN', b'AUTH=LOGIN', b'SASL-IR', b'LITERAL+', b'ID', b'IDLE',
+                b'ENABLE', b'STARTTLS'}
+        cut = [c for c in shown if c not in sent and c not in ours]
+        print('    [e4] %d of %d capabilities kept; last: %r' % (len(shown), len(sent), shown[-3:]))
+        self.assertEqual(cut, [], 'capabilities shown that the server never sent')
+        self.serves_others()
+
     def test_e5_format_string_banner(self):
         """printf directives in the greeting, the capabilities and a NO text are data."""
         fmt = b'%n%n%s%s%x%p%999999d'
