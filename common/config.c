@@ -948,6 +948,13 @@ static void dump(const Config *c, FILE *f, bool origins) {
         assert(c);
         assert(f);
 
+        if (origins) {
+                fprintf(f, "# effective settings, read from:");
+                for (unsigned i = 0; i < c->n_files; i++)
+                        fprintf(f, " %s", c->files[i]);
+                fprintf(f, "%s\n", c->n_files ? "" : " (no file: built-in defaults)");
+        }
+
         for (size_t i = 0; i < ELEMENTSOF(config_keys); i++) {
                 const ConfigKey *k = &config_keys[i];
                 const void *field = (const uint8_t *) c + k->offset;

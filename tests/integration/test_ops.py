@@ -590,10 +590,15 @@ class Reload(ProxyTest):
         log = self.hup()
         self.assertIn('reload refused, the running configuration stays: server_port changed, which needs a restart',
                       log)
+        os.unlink(os.path.join(d, '20-backend.conf'))
+        write(os.path.join(d, '25-tls.conf'), 'server_tls starttls\n')
+        log = self.hup()
+        self.assertIn('reload refused, the running configuration stays: server_tls changed, which needs a restart',
+                      log)
+        os.unlink(os.path.join(d, '25-tls.conf'))
         m = self.login('alice')            # still the old backend, still pooled
         self.assertReused(m, True, 'alice after refused reloads')
         self.logout(m)
-        os.unlink(os.path.join(d, '20-backend.conf'))
         write(os.path.join(d, '30-ok.conf'), 'cache_size 50\n')
         log = self.hup()
         self.assertIn('cache_size changed', log)

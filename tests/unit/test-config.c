@@ -1326,6 +1326,8 @@ Test(config, dump_origins_say_where_each_value_came_from) {
         tree_dropin(&t, "10-a.conf", "# x\ncache_size 11\n");
         cr_assert_eq(tree_load(&t), 0, "%s", L.err);
         char *d = dump_origins_to_string(&L.c);
+        snprintf(expect, sizeof(expect), "# effective settings, read from: %s %s/10-a.conf\n", t.main, t.dropins);
+        cr_expect(strncmp(d, expect, strlen(expect)) == 0, "%s", d);
         snprintf(expect, sizeof(expect), "# %s:1\nserver_hostname main\n", t.main);
         cr_expect(strstr(d, expect), "%s", d);
         snprintf(expect, sizeof(expect), "# %s/10-a.conf:2\ncache_size 11\n", t.dropins);
