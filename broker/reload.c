@@ -28,6 +28,8 @@
  * ERRORS
  *	broker_config_read(): 0 or -errno with err filled in; never logs.
  *	broker_reload(): 0 applied, -EINVAL/-EPERM refused (logged).
+ *	The client-TLS files (listen_tls_*) are checked as at start-up
+ *	(listen_tls_check()); files that do not load refuse the reload too.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -121,6 +123,16 @@ int broker_reload(Broker *b) {
         if (r < 0) {
                 log_struct(LOG_ERR, IMAPPROXY_MSGID_CONFIG_REJECTED, LOG_FIELDS({ "IMAPPROXY_CONFIG", arg_config }),
                            "reload refused, the running configuration stays: %s", err);
+                goto done;
+        }
+        /* The sessions read the client-TLS files at every start: say now, not
+         * at the next TLS client, that they do not load (logged by the check). */
+        r = listen_tls_check(&n);
+        if (r < 0) {
+                log_struct(LOG_ERR, IMAPPROXY_MSGID_CONFIG_REJECTED, LOG_FIELDS({ "IMAPPROXY_CONFIG", arg_config }),
+                           "reload refused, the running configuration stays: the client TLS settings do not load "
+                           "(new TLS sessions fail until the files are fixed)");
+                config_done(&n);
                 goto done;
         }
         (void) config_diff(&b->cfg, &n, note_change, &ch);

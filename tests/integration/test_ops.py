@@ -596,6 +596,11 @@ class Reload(ProxyTest):
         self.assertIn('reload refused, the running configuration stays: server_tls changed, which needs a restart',
                       log)
         os.unlink(os.path.join(d, '25-tls.conf'))
+        write(os.path.join(d, '26-client-tls.conf'), 'listen_tls_cert_file %s/missing.pem\n'
+              'listen_tls_key_file %s/missing.key\n' % (self.tmp, self.tmp))
+        log = self.hup()
+        self.assertIn('reload refused, the running configuration stays: the client TLS settings do not load', log)
+        os.unlink(os.path.join(d, '26-client-tls.conf'))
         m = self.login('alice')            # still the old backend, still pooled
         self.assertReused(m, True, 'alice after refused reloads')
         self.logout(m)
