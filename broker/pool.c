@@ -8,7 +8,9 @@
  * DESCRIPTION
  *	Idle connections are keyed by (user, verifier, TLS profile); the
  *	TLS profile (0 for plain TCP) must match the broker's current one
- *	(conn_tls_ok()). The verifier is an
+ *	(conn_tls_ok()). A TLS connection's fd is one end of a socketpair
+ *	relayed by tls.c; the pool treats it exactly like a TCP socket. The
+ *	verifier is an
  *	HMAC-SHA256 of user and password under a random per-broker key, built
  *	here from what the session sent, compared in constant time. A lent
  *	connection leaves the pool and the broker keeps no copy of its fd
