@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -124,6 +125,62 @@ class FakeServer:
     def stop(self):
         self.stopping = True
         self.sock.close()
+
+
+class FakeSession:
+    """Speaks the broker protocol (common/ipc-proto.h) like imapproxy-session does,
+    so that a test can check in whatever socket it likes."""
+
+    def __init__(self, path):
+        hdr = open(os.path.join(os.path.dirname(__file__), '..', '..', 'common', 'ipc-proto.h')).read()
+        self.version = int(re.search(r'#define IPC_PROTO_VERSION (\d+)', hdr).group(1))
+        names = re.findall(r'X\((IPC_[A-Z_]+),', hdr)
+        self.type = {n: i + 1 for i, n in enumerate(names)}
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock.settimeout(15)
+        self.sock.connect(path)
+        self.send('IPC_HELLO', struct.pack('=II', self.version, 0))
+        t, _, _ = self.recv()
+        assert t == self.type['IPC_HELLO_REPLY'], t
+
+    def send(self, name, payload, fd=None):
+        msg = struct.pack('=HHI', self.type[name], 1 if fd is not None else 0, len(payload)) + payload
+        if fd is None:
+            self.sock.send(msg)
+        else:
+            socket.send_fds(self.sock, [msg], [fd])
+
+    def recv(self):
+        data, fds, _, _ = socket.recv_fds(self.sock, 16384, 1)
+        t, _, n = struct.unpack('=HHI', data[:8])
+        return t, data[8:8 + n], fds
+
+    def checkout(self, user, password):
+        self.send('IPC_CHECKOUT', struct.pack('=IIII256s256s2048s64s64s4096s', 0, 0, 0, 0, user.encode(), b'',
+                                               password.encode(), b'', b'', b''))
+        t, payload, fds = self.recv()
+        assert t == self.type['IPC_CHECKOUT_OK'] and len(fds) == 1, (t, payload[:100])
+        ticket, flags = struct.unpack('=QI', payload[:12])
+        return ticket, bool(flags & 1), socket.socket(fileno=fds[0])
+
+    def checkin(self, ticket, sock, clean=True):
+        self.send('IPC_CHECKIN', struct.pack('=QII', ticket, 1 if clean else 2, 0), sock.fileno())
+
+    def close(self):
+        self.sock.close()
+
+
+def imap_noop(sock, tag=b'N1'):
+    sock.settimeout(10)
+    sock.sendall(tag + b' NOOP\r\n')
+    buf = b''
+    while b'\r\n' not in buf or not buf.split(b'\r\n')[-2].startswith(tag + b' '):
+        chunk = sock.recv(4096)
+        if not chunk:
+            return buf + b'<EOF>'
+        buf += chunk
+    return buf
+
 
 
 @unittest.skipUnless(CERTTOOL, 'certtool (gnutls-bin) is not installed')
@@ -446,6 +503,36 @@ class TlsBackendTest(unittest.TestCase):
         m = imap_login(self.px.port, 'alice', 'pw')
         self.assertIn('XPROXYREUSE', m.untagged_responses, 'the connection is reusable afterwards')
         self.assertEqual(m.logout()[0], 'BYE')
+
+
+    def test_m_checkin_of_the_socketpair_end(self):
+        """The broker lends one end of its relay's socketpair: only that very socket
+        (SO_COOKIE) may come back; the right one is pooled and lent again."""
+        self.dovecot()
+        self.proxy(server_tls='starttls')
+        fs = FakeSession(self.px.broker_socket)
+        try:
+            ticket, reused, a = fs.checkout('alice', 'pw')
+            self.assertFalse(reused)
+            self.assertEqual(a.family, socket.AF_UNIX, 'a TLS connection is lent as a socketpair end')
+            self.assertIn(b'N1 OK', imap_noop(a), 'IMAP through the relay')
+            fs.checkin(ticket, a)  # the very socket: pooled
+            a.close()
+            ticket, reused, a = fs.checkout('alice', 'pw')
+            self.assertTrue(reused, 'the checked-in TLS connection is lent again')
+            self.assertIn(b'N2 OK', imap_noop(a, b'N2'))
+            other, other2 = socket.socketpair()
+            fs.checkin(ticket, other)  # not the socket we were lent
+            wait_until(lambda: 'returned a socket it was not lent' in self.px.broker_log(),
+                       what='the broker refusing a foreign socket')
+            other.close()
+            other2.close()
+            a.close()  # the relay notices and closes the TLS connection
+            self.dc.wait_logouts(1, 'alice', timeout=5)
+        finally:
+            fs.close()
+        self.assertEqual(self.tls_logins(), (1, 1))
+        self.session(reused=False)
 
 
 if __name__ == '__main__':
