@@ -3,7 +3,8 @@
  *
  * SYNOPSIS
  *	int broker_hello(Session *s);
- *	int broker_checkout(Session *s, const char *user, const char *password,
+ *	int broker_checkout(Session *s, const char *user, const char *authzid,
+ *	                    const char *password, uint32_t flags,
  *	                    struct ipc_checkout_fail *ret_fail);
  *	int broker_checkin(Session *s, bool clean);
  * DESCRIPTION
@@ -74,7 +75,7 @@ int broker_hello(Session *s) {
         return 0;
 }
 
-int broker_checkout(Session *s, const char *user, const char *authzid, const char *password,
+int broker_checkout(Session *s, const char *user, const char *authzid, const char *password, uint32_t flags,
                     struct ipc_checkout_fail *ret_fail) {
         struct ipc_checkout req = {};
         IpcMessage m;
@@ -91,6 +92,7 @@ int broker_checkout(Session *s, const char *user, const char *authzid, const cha
         memcpy(req.user, user, ul + 1);
         memcpy(req.authzid, authzid, zl + 1);
         memcpy(req.password, password, pl + 1);
+        req.flags = flags;
         snprintf(req.client_addr, sizeof(req.client_addr), "%s", s->client_addr);
         req.client_port = s->client_port;
         snprintf(req.local_addr, sizeof(req.local_addr), "%s", s->local_addr);
@@ -157,4 +159,12 @@ int broker_checkin(Session *s, bool clean) {
         }
         s->backend_fd = -EBADF; /* ipc_send closed our copy */
         return 0;
+}
+
+void session_retry_disarm(Session *s) {
+        if (!s->retry_armed)
+                return;
+        explicit_bzero(s->retry_password, sizeof(s->retry_password));
+        explicit_bzero(s->retry_authzid, sizeof(s->retry_authzid));
+        s->retry_armed = false;
 }

@@ -22,7 +22,10 @@
  *	Every composed reply goes out in one write.
  * SECURITY
  *	The password exists in the scanner's capture buffer and on the stack
- *	only for the duration of the checkout; both are wiped.
+ *	only for the duration of the checkout; both are wiped. After a login on
+ *	a reused connection one copy stays in the Session until the backend
+ *	has answered the client's first bytes (relay.c: a connection that died
+ *	in the pool is replaced by a fresh login), then it is wiped too.
  */
 #include <errno.h>
 #include <poll.h>
@@ -120,7 +123,7 @@ static int login_with(Prelogin *p, const char *tag, const char *user, const char
                 authzid = ""; /* the same identity: one pool entry with LOGIN */
         log_set_context("IMAPPROXY_USER", user);
 
-        r = broker_checkout(s, user, authzid, password, &fail);
+        r = broker_checkout(s, user, authzid, password, 0, &fail);
         if (r < 0) {
                 log_warning_errno(r, "login %s: broker not available: %m", user);
                 return reply(s, "%s NO [UNAVAILABLE] Service temporarily unavailable, try again later.\r\n", tag);
@@ -129,6 +132,12 @@ static int login_with(Prelogin *p, const char *tag, const char *user, const char
                 if (fail.status == IPC_FAIL_UNAVAILABLE)
                         return reply(s, "%s NO %s\r\n", tag, fail.text);
                 return login_failed(p, tag, fail.status == IPC_FAIL_BAD ? "BAD" : "NO", fail.text);
+        }
+        if (s->reused) {
+                /* sizes checked above */
+                memcpy(s->retry_password, password, strlen(password) + 1);
+                memcpy(s->retry_authzid, authzid, strlen(authzid) + 1);
+                s->retry_armed = true;
         }
         caps_filter(s->postlogin_caps, 0, caps, sizeof(caps));
         r = reply(s, "%s%s OK [CAPABILITY %s] Logged in\r\n",

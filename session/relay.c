@@ -24,6 +24,14 @@
  *	commands, a client that left mid-command, a backend BYE, a scanner
  *	error); otherwise DIRTY. Then the client gets "* BYE" and its tagged OK
  *	in one write.
+ *	A reused connection that turns out dead before the backend has said
+ *	anything (EOF, a write error, or "* BYE" as its first line: kicked or
+ *	restarted while pooled, faster than the broker could notice) is not the
+ *	client's problem: nothing has reached the client yet, so the relay
+ *	returns it dirty, logs in afresh (IPC_CHECKOUT_F_FRESH, with the
+ *	credentials kept for exactly this moment) and replays the client's
+ *	bytes to the new connection. Once the backend has answered, the
+ *	credentials are wiped and a dead backend ends the session as before.
  *	The client side goes through client_recv()/client_send() (session.h):
  *	plain system calls in imapproxy-session, GnuTLS records in
  *	imapproxy-session-tls, where records already decrypted but not yet read
@@ -47,6 +55,8 @@
 #define TAG_TRACK_MAX 64
 #define PIPELINE_MAX 128
 #define PROXY_TAG "IMAPPROXY-RESET"
+#define REPLAY_MAX (64 * 1024) /* client bytes kept for a retry on a fresh connection */
+#define RELAY_RETRY 2          /* relay_once(): the reused connection was dead, log in afresh */
 
 typedef enum RelayPhase {
         RELAY_ACTIVE,
@@ -107,7 +117,51 @@ typedef struct Relay {
         uint64_t last_client_usec, last_backend_usec, phase_deadline_usec;
         PendingCmd pend[PIPELINE_MAX];
         unsigned n_pend;
+
+        /* while s->retry_armed: every client byte so far, for the retry */
+        uint8_t *replay;
+        size_t replay_len;
+        bool backend_dead_early;
 } Relay;
+
+static void replay_drop(Relay *r) {
+        if (r->replay) {
+                explicit_bzero(r->replay, r->replay_len);
+                free(r->replay);
+        }
+        r->replay = NULL;
+        r->replay_len = 0;
+}
+
+/* The backend answered (or a retry could no longer be transparent). */
+static void retry_disarm(Relay *r) {
+        replay_drop(r);
+        session_retry_disarm(r->s);
+}
+
+static void replay_record(Relay *r, const uint8_t *p, size_t n) {
+        if (!r->s->retry_armed || n == 0)
+                return;
+        if (r->replay_len + n > REPLAY_MAX) {
+                retry_disarm(r);
+                return;
+        }
+        if (!r->replay && !(r->replay = malloc(REPLAY_MAX))) {
+                retry_disarm(r);
+                return;
+        }
+        memcpy(r->replay + r->replay_len, p, n);
+        r->replay_len += n;
+}
+
+/* Whether a dead backend can still be replaced without the client noticing. */
+static bool backend_dead_early(Relay *r) {
+        if (!r->s->retry_armed || !r->client_alive || r->phase == RELAY_RESET)
+                return false;
+        r->backend_dead_early = true;
+        r->backend_open = false;
+        return true;
+}
 
 static void relay_taint(Relay *r, const char *why) {
         if (!r->tainted)
@@ -312,6 +366,7 @@ static void client_scan(Relay *r) {
                            imap_arg_is(&l->args[1], "COMPRESS")) {
                         /* Not advertised, and the relay cannot follow a compressed
                          * stream: answer it ourselves, never forward it. */
+                        retry_disarm(r); /* a replay would answer it twice */
                         snprintf(r->local_reply, sizeof(r->local_reply),
                                  "%.*s NO [CANNOT] COMPRESS is not available through this proxy.\r\n",
                                  (int) l->args[0].len, l->args[0].str);
@@ -532,6 +587,7 @@ static void client_read(Relay *r) {
                 client_gone(r, n == 0 ? "disconnected" : "read error");
                 return;
         }
+        replay_record(r, r->cbuf + r->clen, (size_t) n);
         r->clen += (size_t) n;
         r->last_client_usec = now_usec();
         client_scan(r);
@@ -567,9 +623,16 @@ static void backend_read(Relay *r) {
         if (n < 0 && (errno == EAGAIN || errno == EINTR))
                 return;
         if (n <= 0) {
+                if (backend_dead_early(r))
+                        return;
                 r->backend_open = false;
                 relay_taint(r, "backend connection closed");
                 return;
+        }
+        if (r->s->retry_armed) {
+                if (n >= 5 && strncasecmp((const char *) r->sbuf, "* BYE", 5) == 0 && backend_dead_early(r))
+                        return;
+                retry_disarm(r); /* it answered: from now on it is the client's connection */
         }
         r->slen = (size_t) n;
         r->sline_start = imap_scanner_at_line_start(r->ssc) ? 0 : SIZE_MAX;
@@ -587,6 +650,8 @@ static void backend_flush(Relay *r) {
                 if (n < 0 && errno == EAGAIN)
                         return;
                 if (n <= 0) {
+                        if (backend_dead_early(r))
+                                return;
                         r->backend_open = false;
                         relay_taint(r, "backend write error");
                         return;
@@ -632,7 +697,7 @@ static int relay_finish(Relay *r) {
         return 0;
 }
 
-int relay_run(Session *s) {
+static int relay_once(Session *s, uint8_t **ret_replay, size_t *ret_replay_len) {
         Relay rel = {
                 .s = s,
                 .phase = RELAY_ACTIVE,
@@ -675,11 +740,12 @@ int relay_run(Session *s) {
         if (s->pending_len > 0) {
                 size_t l = MIN(s->pending_len, r->ccap);
                 memcpy(r->cbuf, s->pending, l);
+                replay_record(r, r->cbuf, l);
                 r->clen = l;
                 client_scan(r);
         }
 
-        while (r->phase != RELAY_DONE) {
+        while (r->phase != RELAY_DONE && !r->backend_dead_early) {
                 if (!r->client_alive) {
                         r->ssent = r->sfwd; /* nobody to read it */
                         r->local_reply[0] = '\0';
@@ -790,8 +856,16 @@ int relay_run(Session *s) {
                 if (r->phase == RELAY_RESET || r->phase == RELAY_DRAIN)
                         backend_flush(r);
         }
+        if (r->backend_dead_early) {
+                *ret_replay = TAKE_PTR(r->replay);
+                *ret_replay_len = r->replay_len;
+                r->replay_len = 0;
+                ret = RELAY_RETRY;
+                goto out;
+        }
         ret = relay_finish(r);
 out:
+        replay_drop(r);
         if (!r->cbuf || !r->sbuf)
                 (void) broker_checkin(s, false);
         free(r->logout_tag);
@@ -800,4 +874,41 @@ out:
         free(r->cbuf);
         free(r->sbuf);
         return ret;
+}
+
+int relay_run(Session *s) {
+        uint8_t *replay = NULL;
+        size_t replay_len = 0;
+        int r = relay_once(s, &replay, &replay_len);
+
+        if (r == RELAY_RETRY) {
+                struct ipc_checkout_fail fail;
+                char user[IPC_USER_MAX];
+
+                log_info("reused backend connection of %s was dead before it answered: logging in afresh", s->user);
+                (void) broker_checkin(s, false);
+                snprintf(user, sizeof(user), "%s", s->user);
+                int k = broker_checkout(s, user, s->retry_authzid, s->retry_password, IPC_CHECKOUT_F_FRESH, &fail);
+                session_retry_disarm(s);
+                if (s->pending) {
+                        explicit_bzero(s->pending, s->pending_len);
+                        free(s->pending);
+                }
+                s->pending = replay;
+                s->pending_len = replay_len;
+                if (k == 0)
+                        r = relay_once(s, &replay, &replay_len); /* not armed: cannot return RELAY_RETRY */
+                else {
+                        if (k < 0)
+                                log_warning_errno(k, "fresh login for %s: broker not available: %m", user);
+                        else
+                                log_info("fresh login for %s refused: %s", user, fail.text);
+                        static const char bye[] = "* BYE Connection to the IMAP server lost.\r\n";
+                        (void) fd_set_nonblock(s->client_out, false);
+                        (void) client_write(s, bye, sizeof(bye) - 1);
+                        r = 0;
+                }
+        }
+        session_retry_disarm(s);
+        return r;
 }

@@ -31,6 +31,16 @@ typedef struct Session {
         uint64_t ticket;           /* lease ticket */
         bool reused;
 
+        /* A reused connection may have died in the pool just before it was
+         * lent (doveadm kick, server restart) without the broker seeing it
+         * yet. Until the backend has answered anything, the relay can still
+         * log in afresh and replay the client's bytes: for that short time
+         * the session keeps the credentials here (wiped by
+         * session_retry_disarm()). */
+        bool retry_armed;
+        char retry_authzid[IPC_USER_MAX];
+        char retry_password[IPC_PASSWORD_MAX];
+
         char client_addr[IPC_ADDR_MAX];
         unsigned client_port;
 
@@ -70,7 +80,8 @@ bool session_login_allowed(const Session *s);
 /* broker.c */
 int broker_hello(Session *s);
 int broker_checkout(Session *s, const char *user, const char *authzid, const char *password,
-                    struct ipc_checkout_fail *ret_fail);
+                    uint32_t flags, struct ipc_checkout_fail *ret_fail);
+void session_retry_disarm(Session *s);
 int broker_checkin(Session *s, bool clean);
 
 /* sasl.c: base64 via GnuTLS loaded on demand; SASL PLAIN message split */

@@ -479,6 +479,17 @@ service stats {{
                 user, r.returncode, r.stderr.decode(errors='replace')))
         return r.stdout.decode(errors='replace')
 
+    def pids(self, user):
+        """Process ids of user's IMAP processes, per Dovecot's anvil (doveadm who -1)."""
+        r = self.doveadm('who', '-1', user, check=False)
+        if r.returncode not in (0, 68):
+            raise FixtureError('doveadm who failed: %s' % r.stderr.decode(errors='replace'))
+        lines = r.stdout.decode(errors='replace').splitlines()
+        if not lines:
+            return []
+        col = lines[0].split().index('pid')
+        return [int(f[col]) for f in (l.split() for l in lines[1:]) if f and f[0] == user]
+
     def connections(self, user):
         """Number of live IMAP connections of user, per Dovecot's anvil (doveadm who)."""
         r = self.doveadm('who', '-1', user, check=False)

@@ -289,6 +289,32 @@ class Core(ProxyTest):
             self.logout(m)
         self.assertEqual(self.dc.logins('alice'), 4)
 
+    def test_f3_lent_dead_before_it_answers(self):
+        """The race of f2 made certain: the pooled connection's server process is
+        stopped (so the broker cannot notice anything) and lent; it dies while the
+        client's first command is in flight. Nothing reached the client yet, so the
+        session must log in afresh and replay the command: the client sees OK."""
+        self.logout(self.login())
+        pids = self.dc.pids('alice')
+        self.assertEqual(len(pids), 1, pids)
+        os.kill(pids[0], signal.SIGSTOP)
+        try:
+            r = self.rawc()
+            untagged, tagged = r.login('alice', 'pw', tag='a1')
+            self.assertRegex(tagged, rb'^a1 OK', r.dump())
+            self.assertTrue(any(u.startswith(b'* OK [XPROXYREUSE]') for u in untagged), r.dump())
+            r.send('a2 SELECT INBOX\r\n')
+            time.sleep(0.3)  # the command sits in the stopped process's socket
+        finally:
+            os.kill(pids[0], signal.SIGKILL)
+        untagged, tagged = r.read_tagged('a2', timeout=10)
+        self.assertRegex(tagged, rb'^a2 OK', r.dump())
+        self.assertTrue(any(re.match(rb'^\* \d+ EXISTS', u) for u in untagged), r.dump())
+        _, tagged = r.command('a3', 'NOOP')
+        self.assertRegex(tagged, rb'^a3 OK', r.dump())
+        self.dc.wait_logins(2, 'alice')
+        self.assertEqual(self.dc.logins('alice'), 2)
+
     # (g) ---------------------------------------------------------------
     def test_g_logout_with_mailbox_selected(self):
         r = self.rawc()
