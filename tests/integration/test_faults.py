@@ -352,6 +352,31 @@ class BrokerCrash(FaultTest):
             _, t = r.command('Z', 'LOGOUT')
             self.assertRegex(t, rb'^Z OK ', r.dump())
 
+    @unittest.skipIf(not shutil.which('certtool'), 'certtool (gnutls-bin) not installed')
+    def test_a3_sigkill_with_tls_backend(self):
+        """With a TLS backend the broker relays lent connections, so they end with it:
+        the client gets a BYE and a close at once (no hang), and after the restart
+        logins work again."""
+        from test_tls_backend import make_ca, make_server_cert
+        ca_pem, ca_key = make_ca(self.tmp, 'faultca')
+        self.start_dovecot(tls=make_server_cert(self.tmp, ca_pem, ca_key))
+        self.start_proxy(server_tls='starttls', tls_ca_file=ca_pem)
+        self.wait_probe()
+        lent = self.rawc(timeout=10)
+        self.assertLoginOK(lent, 'alice')
+        _, t = lent.command('S', 'SELECT INBOX')
+        self.assertRegex(t, rb'^S OK ', lent.dump())
+        self.px.kill_broker(signal.SIGKILL)
+        dt = self.assertEndsCleanly(lent, 5, 'TLS-relayed session when the broker died')
+        g = self.rawc()
+        self.assertUnavailable(g, 'bob', within=3)
+        self.px.start_broker()
+        self.assertLoginOK(g, 'bob', tag='L2')
+        self.assertTrue(self.visit('alice'))
+        self.assertIn(', TLS', [ln for ln in self.dc.settled_log().splitlines()
+                                if 'Login: user=<alice>' in ln][-1])
+        print('    [a3] TLS-relayed client disconnected %.2fs after the broker was killed' % dt)
+
 
 # ====================================================================== session crashes
 
