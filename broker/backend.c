@@ -462,6 +462,7 @@ static int job_send_id(BackendJob *j) {
 }
 
 static void set_prelogin_caps(Broker *b, const char *caps);
+static bool logindisabled_noted;
 
 /* After the greeting and capabilities: TLS if needed, the optional steps,
  * then login. Only capabilities that hold for the login are published. */
@@ -472,6 +473,11 @@ static int job_advance(BackendJob *j) {
         if (j->phase <= PHASE_CAPA_PRE) {
                 switch (tls_policy_next(config_server_tls(&b->cfg), j->tls != NULL, j->caps_pre)) {
                 case TLS_STEP_STARTTLS:
+                        if (config_server_tls(&b->cfg) == SERVER_TLS_NONE && !logindisabled_noted) {
+                                logindisabled_noted = true; /* once: it holds for every connection */
+                                log_info("backend %s:%s says LOGINDISABLED: using STARTTLS (server_tls none)",
+                                         b->cfg.server_hostname, b->cfg.server_port);
+                        }
                         j->starttls = true;
                         job_enter_phase(j, PHASE_STARTTLS);
                         return job_send(j, "S STARTTLS\r\n");

@@ -354,6 +354,7 @@ class TlsBackendTest(unittest.TestCase):
         self.session(reused=False)
         self.session(reused=True)
         self.assertEqual(self.tls_logins(), (1, 1))
+        self.assertEqual(self.px.broker_log().count('says LOGINDISABLED: using STARTTLS'), 1)
 
     def test_f_starttls_required_but_not_offered(self):
         """No STARTTLS on offer: no credentials ever leave the broker (also for force_tls yes)."""
