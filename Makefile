@@ -177,7 +177,7 @@ check:
 # imapproxy-session.socket (tests/nspawn/check-nspawn; root; part of make check).
 check-nspawn:
 	./scripts/install-deps
-	$(MAKE) $(BINARIES)
+	$(MAKE) $(BINARIES) bench/imapload
 	./tests/nspawn/check-nspawn
 
 install: all install-catalog

@@ -40,6 +40,47 @@ TEST_USERS = {'alice': 'alice-pw-7Hq2', 'bob': 'bob-pw-9Xk4'}
 IN_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
 
 
+# The sandboxing of the shipped imapproxy-session@.service in groups, as
+# (group, settings when on, settings when off): every setting of the unit is
+# in exactly one group. bench/spawn-profiles measures them; a drop-in from
+# session_dropin() sets every one of them explicitly, on or off.
+SANDBOX_GROUPS = [
+    ('user', ['User=imapproxy', 'Group=imapproxy', 'UMask=0077', 'RemoveIPC=yes',
+              'CapabilityBoundingSet=', 'NoNewPrivileges=yes', 'RestrictSUIDSGID=yes'],
+             ['User=', 'Group=', 'UMask=0022', 'RemoveIPC=no', 'CapabilityBoundingSet=~',
+              'NoNewPrivileges=no', 'RestrictSUIDSGID=no']),
+    ('userns', ['PrivateUsers=yes'], ['PrivateUsers=no']),
+    ('fs', ['ProtectSystem=strict', 'ProtectHome=yes', 'PrivateTmp=yes', 'PrivateMounts=yes',
+            'ProtectProc=invisible', 'ProcSubset=pid'],
+           ['ProtectSystem=no', 'ProtectHome=no', 'PrivateTmp=no', 'PrivateMounts=no',
+            'ProtectProc=default', 'ProcSubset=all']),
+    ('devices', ['PrivateDevices=yes'], ['PrivateDevices=no']),
+    ('kernel', ['ProtectKernelTunables=yes', 'ProtectKernelModules=yes', 'ProtectKernelLogs=yes',
+                'ProtectControlGroups=yes', 'ProtectClock=yes', 'ProtectHostname=yes',
+                'RestrictNamespaces=yes', 'RestrictRealtime=yes', 'LockPersonality=yes',
+                'MemoryDenyWriteExecute=yes'],
+               ['ProtectKernelTunables=no', 'ProtectKernelModules=no', 'ProtectKernelLogs=no',
+                'ProtectControlGroups=no', 'ProtectClock=no', 'ProtectHostname=no',
+                'RestrictNamespaces=no', 'RestrictRealtime=no', 'LockPersonality=no',
+                'MemoryDenyWriteExecute=no']),
+    ('seccomp', ['SystemCallArchitectures=native', 'SystemCallFilter=@system-service',
+                 'SystemCallFilter=~@privileged @resources', 'SystemCallErrorNumber=EPERM'],
+                ['SystemCallArchitectures=', 'SystemCallFilter=']),
+    ('network', ['PrivateNetwork=yes', 'RestrictAddressFamilies=AF_UNIX'],
+                ['PrivateNetwork=no', 'RestrictAddressFamilies=']),
+]
+SESSION_DROPIN_DIR = '/etc/systemd/system/imapproxy-session@.service.d'
+
+
+def session_dropin(groups_on, comment):
+    """Drop-in text for imapproxy-session@.service: the groups in groups_on
+    as shipped, all others off."""
+    lines = ['# %s' % comment, '[Service]']
+    for name, son, soff in SANDBOX_GROUPS:
+        lines += son if name in groups_on else soff
+    return '\n'.join(lines) + '\n'
+
+
 class NspawnError(Exception):
     pass
 
