@@ -40,9 +40,10 @@ TEST_USERS = {'alice': 'alice-pw-7Hq2', 'bob': 'bob-pw-9Xk4'}
 IN_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
 
 
-# The sandboxing of the shipped imapproxy-session@.service in groups, as
-# (group, settings when on, settings when off): every setting of the unit is
-# in exactly one group. bench/spawn-profiles measures them; a drop-in from
+# The sandboxing of imapproxy-session@.service in groups, as (group,
+# settings when on, settings when off): every sandboxing setting the unit
+# has is in exactly one group, and so is ProtectKernelTunables=, which the
+# unit leaves out because of what it costs (bench/README.md). bench/spawn-profiles measures them; a drop-in from
 # session_dropin() sets every one of them explicitly, on or off.
 SANDBOX_GROUPS = [
     ('user', ['User=imapproxy', 'Group=imapproxy', 'UMask=0077', 'RemoveIPC=yes',
@@ -72,13 +73,29 @@ SANDBOX_GROUPS = [
 SESSION_DROPIN_DIR = '/etc/systemd/system/imapproxy-session@.service.d'
 
 
-def session_dropin(groups_on, comment):
+def session_dropin(groups_on, comment, settings_off=()):
     """Drop-in text for imapproxy-session@.service: the groups in groups_on
-    as shipped, all others off."""
+    as shipped, all others off; and within the groups that are on, the
+    settings named in settings_off (e.g. "ProtectClock") off too."""
     lines = ['# %s' % comment, '[Service]']
     for name, son, soff in SANDBOX_GROUPS:
-        lines += son if name in groups_on else soff
+        if name not in groups_on:
+            lines += soff
+            continue
+        off = {x.split('=', 1)[0]: x for x in soff}
+        for x in son:
+            key = x.split('=', 1)[0]
+            if key in settings_off:
+                if key in off:
+                    lines.append(off[key])
+            else:
+                lines.append(x)
     return '\n'.join(lines) + '\n'
+
+
+def sandbox_settings():
+    """Every setting name in SANDBOX_GROUPS."""
+    return set(x.split('=', 1)[0] for _, son, _ in SANDBOX_GROUPS for x in son)
 
 
 class NspawnError(Exception):
