@@ -6,6 +6,7 @@
  *	int ipc_decode(const void *buf, size_t len, bool has_fd, IpcMessage *ret);
  *	int ipc_send(int sock, IpcType type, const void *payload, size_t len, int fd);
  *	int ipc_recv(int sock, IpcMessage *ret);
+ *	int ipc_send_nowait(int sock, IpcType type, const void *payload, size_t len);
  * DESCRIPTION
  *	ipc_encode()/ipc_decode() are pure: bytes in, message out, and carry
  *	all validation (lengths against the table in ipc-proto.h, fd presence,
@@ -82,10 +83,20 @@ static bool field_terminated(const char *s, size_t size) {
 }
 #define FIELD_OK(f) field_terminated((f), sizeof(f))
 
+/* A one-line text field: terminated, and no CR or LF before the NUL (it is
+ * printed as one line by imapproxyctl). */
+static bool line_ok(const char *s, size_t size) {
+        const char *nul = memchr(s, '\0', size);
+        if (!nul)
+                return false;
+        size_t l = (size_t) (nul - s);
+        return !memchr(s, '\r', l) && !memchr(s, '\n', l);
+}
+
 static int ipc_validate(const IpcMessage *m) {
         switch (m->type) {
         case IPC_HELLO:
-                return m->u.hello.reserved == 0 ? 0 : -EPROTO;
+                return m->u.hello.role >= IPC_ROLE_SESSION && m->u.hello.role < _IPC_ROLE_MAX ? 0 : -EPROTO;
         case IPC_HELLO_REPLY:
                 if (m->u.hello_reply.flags & ~IPC_HELLO_F_BACKEND_KNOWN)
                         return -EPROTO;
@@ -107,7 +118,7 @@ static int ipc_validate(const IpcMessage *m) {
         case IPC_CHECKOUT_OK:
                 if (m->u.checkout_ok.reserved != 0 || !FIELD_OK(m->u.checkout_ok.caps))
                         return -EPROTO;
-                if (m->u.checkout_ok.flags & ~IPC_LEASE_F_REUSED)
+                if (m->u.checkout_ok.flags & ~(IPC_LEASE_F_REUSED | IPC_LEASE_F_TRACE))
                         return -EPROTO;
                 return 0;
         case IPC_CHECKOUT_FAIL:
@@ -122,6 +133,49 @@ static int ipc_validate(const IpcMessage *m) {
                 if (m->u.checkin.state == 0 || m->u.checkin.state >= _IPC_CONN_STATE_MAX)
                         return -EPROTO;
                 return 0;
+        case IPC_TRACE:
+                if (m->u.trace.reserved != 0 || (m->u.trace.flags & ~IPC_TRACE_F_TRUNCATED))
+                        return -EPROTO;
+                if (m->u.trace.dir == 0 || m->u.trace.dir >= _IPC_TRACE_DIR_MAX)
+                        return -EPROTO;
+                return line_ok(m->u.trace.line, sizeof(m->u.trace.line)) ? 0 : -EPROTO;
+        case IPC_ADMIN:
+                if (m->u.admin.reserved != 0 || !FIELD_OK(m->u.admin.user))
+                        return -EPROTO;
+                switch (m->u.admin.op) {
+                case IPC_ADMIN_OP_STATS:
+                case IPC_ADMIN_OP_LIST:
+                        return m->u.admin.user[0] == '\0' ? 0 : -EPROTO;
+                case IPC_ADMIN_OP_FLUSH:
+                        return 0;
+                case IPC_ADMIN_OP_TRACE:
+                        return m->u.admin.user[0] != '\0' ? 0 : -EPROTO;
+                default:
+                        return -EPROTO;
+                }
+        case IPC_ADMIN_STATS:
+                return m->u.admin_stats.reserved == 0 ? 0 : -EPROTO;
+        case IPC_ADMIN_CONN:
+                if (m->u.admin_conn.state == 0 || m->u.admin_conn.state >= _IPC_LIST_STATE_MAX)
+                        return -EPROTO;
+                if (m->u.admin_conn.flags & ~(IPC_LIST_F_NO_REUSE | IPC_LIST_F_TRACED))
+                        return -EPROTO;
+                if (!FIELD_OK(m->u.admin_conn.user) || !FIELD_OK(m->u.admin_conn.authzid) ||
+                    !FIELD_OK(m->u.admin_conn.backend))
+                        return -EPROTO;
+                return 0;
+        case IPC_ADMIN_DONE:
+                if (m->u.admin_done.reserved != 0)
+                        return -EPROTO;
+                return line_ok(m->u.admin_done.text, sizeof(m->u.admin_done.text)) ? 0 : -EPROTO;
+        case IPC_TRACE_EVENT:
+                if (m->u.trace_event.flags & ~IPC_TRACE_F_TRUNCATED)
+                        return -EPROTO;
+                if (m->u.trace_event.dir == 0 || m->u.trace_event.dir >= _IPC_TRACE_DIR_MAX)
+                        return -EPROTO;
+                if (!FIELD_OK(m->u.trace_event.user))
+                        return -EPROTO;
+                return line_ok(m->u.trace_event.line, sizeof(m->u.trace_event.line)) ? 0 : -EPROTO;
         default:
                 return -EPROTO;
         }
@@ -155,7 +209,7 @@ int ipc_decode(const void *buf, size_t len, bool has_fd, IpcMessage *ret) {
         return r;
 }
 
-int ipc_send(int sock, IpcType type, const void *payload, size_t payload_len, int fd) {
+static int ipc_send_flags(int sock, IpcType type, const void *payload, size_t payload_len, int fd, int flags) {
         uint8_t buf[IPC_MSG_MAX];
         size_t len;
         int r;
@@ -185,16 +239,24 @@ int ipc_send(int sock, IpcType type, const void *payload, size_t payload_len, in
 
         ssize_t n;
         do
-                n = sendmsg(sock, &mh, MSG_NOSIGNAL);
+                n = sendmsg(sock, &mh, MSG_NOSIGNAL | flags);
         while (n < 0 && errno == EINTR);
         explicit_bzero(buf, len);
         if (n < 0)
-                return -errno;
+                return errno == EWOULDBLOCK ? -EAGAIN : -errno;
         if ((size_t) n != len)
                 return -EIO; /* cannot happen on SOCK_SEQPACKET */
         if (fd >= 0)
                 (void) safe_close(fd); /* ownership moved to the peer */
         return 0;
+}
+
+int ipc_send(int sock, IpcType type, const void *payload, size_t payload_len, int fd) {
+        return ipc_send_flags(sock, type, payload, payload_len, fd, 0);
+}
+
+int ipc_send_nowait(int sock, IpcType type, const void *payload, size_t payload_len) {
+        return ipc_send_flags(sock, type, payload, payload_len, -EBADF, MSG_DONTWAIT);
 }
 
 /* SCM_PIDFD (Linux >= 6.5) carries an fd too: the kernel installs a pidfd of

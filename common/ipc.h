@@ -19,6 +19,12 @@ typedef struct IpcMessage {
                 struct ipc_checkout_ok checkout_ok;
                 struct ipc_checkout_fail checkout_fail;
                 struct ipc_checkin checkin;
+                struct ipc_trace trace;
+                struct ipc_admin admin;
+                struct ipc_admin_stats admin_stats;
+                struct ipc_admin_conn admin_conn;
+                struct ipc_admin_done admin_done;
+                struct ipc_trace_event trace_event;
         } u;
 } IpcMessage;
 
@@ -44,6 +50,10 @@ int ipc_decode(const void *buf, size_t len, bool has_fd, IpcMessage *ret);
  * carries one. Never leaks an fd. */
 int ipc_send(int sock, IpcType type, const void *payload, size_t payload_len, int fd);
 int ipc_recv(int sock, IpcMessage *ret);
+
+/* ipc_send() of a message without fd that never blocks: -EAGAIN when the
+ * socket's send buffer is full (the caller drops or queues it). */
+int ipc_send_nowait(int sock, IpcType type, const void *payload, size_t payload_len);
 
 /* Close the fd a message holds and wipe secrets in it. */
 void ipc_message_done(IpcMessage *m);

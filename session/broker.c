@@ -47,7 +47,7 @@ static void broker_disconnect(Session *s) {
 }
 
 int broker_hello(Session *s) {
-        struct ipc_hello h = { .version = IPC_PROTO_VERSION };
+        struct ipc_hello h = { .version = IPC_PROTO_VERSION, .role = IPC_ROLE_SESSION };
         IpcMessage m;
         int r;
 
@@ -127,6 +127,8 @@ int broker_checkout(Session *s, const char *user, const char *authzid, const cha
                 s->reused = !!(m.u.checkout_ok.flags & IPC_LEASE_F_REUSED);
                 snprintf(s->postlogin_caps, sizeof(s->postlogin_caps), "%s", m.u.checkout_ok.caps);
                 snprintf(s->user, sizeof(s->user), "%s", user);
+                if (m.u.checkout_ok.flags & IPC_LEASE_F_TRACE)
+                        (void) trace_start(s);
                 r = 0;
                 break;
         case IPC_CHECKOUT_FAIL:

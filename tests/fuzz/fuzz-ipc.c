@@ -54,6 +54,16 @@ static bool terminated(const char *s, size_t n) {
 }
 #define TERMINATED(f) terminated((f), sizeof(f))
 
+static bool one_line(const char *s, size_t n) {
+        if (!terminated(s, n))
+                return false;
+        for (size_t i = 0; s[i]; i++)
+                if (s[i] == '\r' || s[i] == '\n')
+                        return false;
+        return true;
+}
+#define ONE_LINE(f) one_line((f), sizeof(f))
+
 static bool all_bytes(const void *p, size_t n, uint8_t v) {
         const uint8_t *b = p;
         for (size_t i = 0; i < n; i++)
@@ -67,7 +77,7 @@ static bool all_bytes(const void *p, size_t n, uint8_t v) {
 static bool payload_valid(IpcType t, const Payload *p) {
         switch (t) {
         case IPC_HELLO:
-                return p->hello.reserved == 0;
+                return p->hello.role == IPC_ROLE_SESSION || p->hello.role == IPC_ROLE_ADMIN;
         case IPC_HELLO_REPLY:
                 return (p->hello_reply.flags & ~IPC_HELLO_F_BACKEND_KNOWN) == 0 &&
                        TERMINATED(p->hello_reply.caps);
@@ -76,7 +86,8 @@ static bool payload_valid(IpcType t, const Payload *p) {
                        TERMINATED(p->checkout.user) && p->checkout.user[0] != '\0' &&
                        TERMINATED(p->checkout.password) && TERMINATED(p->checkout.client_addr);
         case IPC_CHECKOUT_OK:
-                return (p->checkout_ok.flags & ~IPC_LEASE_F_REUSED) == 0 && p->checkout_ok.reserved == 0 &&
+                return (p->checkout_ok.flags & ~(IPC_LEASE_F_REUSED | IPC_LEASE_F_TRACE)) == 0 &&
+                       p->checkout_ok.reserved == 0 &&
                        TERMINATED(p->checkout_ok.caps);
         case IPC_CHECKOUT_FAIL:
                 return p->checkout_fail.status >= IPC_FAIL_NO &&
@@ -85,6 +96,31 @@ static bool payload_valid(IpcType t, const Payload *p) {
         case IPC_CHECKIN:
                 return (p->checkin.state == IPC_CONN_CLEAN || p->checkin.state == IPC_CONN_DIRTY) &&
                        p->checkin.reserved == 0;
+        case IPC_TRACE:
+                return p->trace.dir >= IPC_TRACE_CLIENT && p->trace.dir <= IPC_TRACE_PROXY &&
+                       (p->trace.flags & ~IPC_TRACE_F_TRUNCATED) == 0 && p->trace.reserved == 0 &&
+                       ONE_LINE(p->trace.line);
+        case IPC_ADMIN:
+                if (p->admin.reserved != 0 || !TERMINATED(p->admin.user))
+                        return false;
+                if (p->admin.op == IPC_ADMIN_OP_STATS || p->admin.op == IPC_ADMIN_OP_LIST)
+                        return p->admin.user[0] == '\0';
+                if (p->admin.op == IPC_ADMIN_OP_TRACE)
+                        return p->admin.user[0] != '\0';
+                return p->admin.op == IPC_ADMIN_OP_FLUSH;
+        case IPC_ADMIN_STATS:
+                return p->admin_stats.reserved == 0;
+        case IPC_ADMIN_CONN:
+                return (p->admin_conn.state == IPC_LIST_IDLE || p->admin_conn.state == IPC_LIST_LENT) &&
+                       (p->admin_conn.flags & ~(IPC_LIST_F_NO_REUSE | IPC_LIST_F_TRACED)) == 0 &&
+                       TERMINATED(p->admin_conn.user) && TERMINATED(p->admin_conn.authzid) &&
+                       TERMINATED(p->admin_conn.backend);
+        case IPC_ADMIN_DONE:
+                return p->admin_done.reserved == 0 && ONE_LINE(p->admin_done.text);
+        case IPC_TRACE_EVENT:
+                return p->trace_event.dir >= IPC_TRACE_CLIENT && p->trace_event.dir <= IPC_TRACE_PROXY &&
+                       (p->trace_event.flags & ~IPC_TRACE_F_TRUNCATED) == 0 && TERMINATED(p->trace_event.user) &&
+                       ONE_LINE(p->trace_event.line);
         default:
                 return false;
         }

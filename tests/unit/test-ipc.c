@@ -125,6 +125,7 @@ static size_t sample(IpcType t, Payload *p) {
         switch (t) {
         case IPC_HELLO:
                 p->hello.version = IPC_PROTO_VERSION;
+                p->hello.role = IPC_ROLE_SESSION;
                 break;
         case IPC_HELLO_REPLY:
                 p->hello_reply.version = IPC_PROTO_VERSION;
@@ -150,6 +151,43 @@ static size_t sample(IpcType t, Payload *p) {
         case IPC_CHECKIN:
                 p->checkin.ticket = 0x0123456789abcdefULL;
                 p->checkin.state = IPC_CONN_CLEAN;
+                break;
+        case IPC_TRACE:
+                p->trace.dir = IPC_TRACE_CLIENT;
+                p->trace.flags = IPC_TRACE_F_TRUNCATED;
+                p->trace.dropped = 3;
+                snprintf(p->trace.line, sizeof(p->trace.line), "%s", "a1 LOGIN [redacted]");
+                break;
+        case IPC_ADMIN:
+                p->admin.op = IPC_ADMIN_OP_TRACE;
+                snprintf(p->admin.user, sizeof(p->admin.user), "%s", "alice@example.org");
+                break;
+        case IPC_ADMIN_STATS:
+                p->admin_stats.clients = 2;
+                p->admin_stats.peak_clients = 7;
+                p->admin_stats.logins_total = 10;
+                p->admin_stats.reuses_total = 8;
+                p->admin_stats.trace_dropped = UINT64_MAX;
+                break;
+        case IPC_ADMIN_CONN:
+                p->admin_conn.state = IPC_LIST_LENT;
+                p->admin_conn.flags = IPC_LIST_F_NO_REUSE | IPC_LIST_F_TRACED;
+                p->admin_conn.pid = 4242;
+                p->admin_conn.age_usec = 12345678;
+                snprintf(p->admin_conn.user, sizeof(p->admin_conn.user), "%s", "alice@example.org");
+                snprintf(p->admin_conn.backend, sizeof(p->admin_conn.backend), "%s", "[2001:db8::1]:143");
+                break;
+        case IPC_ADMIN_DONE:
+                p->admin_done.n_idle = 2;
+                p->admin_done.n_lent = 1;
+                snprintf(p->admin_done.text, sizeof(p->admin_done.text), "%s", "2 idle, 1 lent");
+                break;
+        case IPC_TRACE_EVENT:
+                p->trace_event.dir = IPC_TRACE_SERVER;
+                p->trace_event.pid = 4242;
+                p->trace_event.time_usec = 1700000000000000ULL;
+                snprintf(p->trace_event.user, sizeof(p->trace_event.user), "%s", "alice");
+                snprintf(p->trace_event.line, sizeof(p->trace_event.line), "%s", "* 1 FETCH (BODY[] {229}[229 bytes])");
                 break;
         default:
                 cr_assert_fail("no sample for type %d", (int) t);
@@ -468,6 +506,89 @@ TEST(ipc, round_trip_checkout_fail) {
 }
 TEST(ipc, round_trip_checkin_with_fd) {
         round_trip(IPC_CHECKIN, sess, brok);
+}
+TEST(ipc, round_trip_trace) {
+        round_trip(IPC_TRACE, sess, brok);
+}
+TEST(ipc, round_trip_admin) {
+        round_trip(IPC_ADMIN, sess, brok);
+}
+TEST(ipc, round_trip_admin_stats) {
+        round_trip(IPC_ADMIN_STATS, brok, sess);
+}
+TEST(ipc, round_trip_admin_conn) {
+        round_trip(IPC_ADMIN_CONN, brok, sess);
+}
+TEST(ipc, round_trip_admin_done) {
+        round_trip(IPC_ADMIN_DONE, brok, sess);
+}
+TEST(ipc, round_trip_trace_event) {
+        round_trip(IPC_TRACE_EVENT, brok, sess);
+}
+
+/* The edges of what the admin messages allow. */
+TEST(codec, admin_edges_accepted) {
+        uint8_t buf[IPC_MSG_MAX];
+        IpcMessage m = { .fd = -EBADF };
+        Payload p;
+        size_t len;
+
+        /* FLUSH with no user means everyone */
+        sample(IPC_ADMIN, &p);
+        p.admin.op = IPC_ADMIN_OP_FLUSH;
+        p.admin.user[0] = '\0';
+        cr_assert_eq(ipc_encode(IPC_ADMIN, &p, sizeof(p.admin), buf, sizeof(buf), &len), 0);
+        cr_assert_eq(ipc_decode(buf, len, false, &m), 0);
+        /* STATS and LIST with no user */
+        p.admin.op = IPC_ADMIN_OP_STATS;
+        cr_assert_eq(ipc_encode(IPC_ADMIN, &p, sizeof(p.admin), buf, sizeof(buf), &len), 0);
+        cr_assert_eq(ipc_decode(buf, len, false, &m), 0);
+        p.admin.op = IPC_ADMIN_OP_LIST;
+        cr_assert_eq(ipc_encode(IPC_ADMIN, &p, sizeof(p.admin), buf, sizeof(buf), &len), 0);
+        cr_assert_eq(ipc_decode(buf, len, false, &m), 0);
+        /* a trace line of the full length; a CR after the NUL does not count */
+        sample(IPC_TRACE, &p);
+        memset(p.trace.line, 'x', sizeof(p.trace.line) - 1);
+        p.trace.line[sizeof(p.trace.line) - 1] = '\0';
+        cr_assert_eq(ipc_encode(IPC_TRACE, &p, sizeof(p.trace), buf, sizeof(buf), &len), 0);
+        cr_assert_eq(ipc_decode(buf, len, false, &m), 0);
+        sample(IPC_TRACE, &p);
+        p.trace.line[sizeof(p.trace.line) - 2] = '\r';
+        cr_assert_eq(ipc_encode(IPC_TRACE, &p, sizeof(p.trace), buf, sizeof(buf), &len), 0);
+        cr_assert_eq(ipc_decode(buf, len, false, &m), 0);
+        /* both hello roles */
+        sample(IPC_HELLO, &p);
+        p.hello.role = IPC_ROLE_ADMIN;
+        cr_assert_eq(ipc_encode(IPC_HELLO, &p, sizeof(p.hello), buf, sizeof(buf), &len), 0);
+        cr_assert_eq(ipc_decode(buf, len, false, &m), 0);
+        cr_assert_eq(m.u.hello.role, IPC_ROLE_ADMIN);
+}
+
+/* ipc_send_nowait() never blocks: a full socket gives -EAGAIN, and what
+ * was queued before is intact. */
+TEST(ipc, send_nowait_full_socket) {
+        Payload p;
+        size_t size = sample(IPC_TRACE_EVENT, &p);
+        int r = 0, sent = 0;
+        int sz = 4096;
+
+        cr_assert_eq(setsockopt(brok, SOL_SOCKET, SO_SNDBUF, &sz, sizeof(sz)), 0);
+        while (sent < 100000 && (r = ipc_send_nowait(brok, IPC_TRACE_EVENT, &p, size)) == 0)
+                sent++;
+        cr_assert_eq(r, -EAGAIN, "ipc_send_nowait: %d after %d messages", r, sent);
+        cr_assert_gt(sent, 0);
+        for (int i = 0; i < sent; i++) {
+                IpcMessage m = { .fd = -EBADF };
+                cr_assert_eq(ipc_recv(sess, &m), 0);
+                cr_assert_eq(m.type, IPC_TRACE_EVENT);
+                ipc_message_done(&m);
+        }
+        cr_assert_eq(ipc_send_nowait(brok, IPC_TRACE_EVENT, &p, size), 0, "space again after reading");
+        IpcMessage m = { .fd = -EBADF };
+        cr_assert_eq(ipc_recv(sess, &m), 0);
+        ipc_message_done(&m);
+        /* a message that carries an fd cannot go this way */
+        cr_assert_eq(ipc_send_nowait(brok, IPC_CHECKOUT_OK, &p, ipc_payload_size(IPC_CHECKOUT_OK)), -EINVAL);
 }
 
 TEST(ipc, round_trip_extreme_values) {
@@ -847,7 +968,7 @@ BAD_CASE(empty_user, IPC_CHECKOUT, -1, p->checkout.user[0] = '\0')
 BAD_CASE(checkout_unknown_flag, IPC_CHECKOUT, -1, p->checkout.flags |= 0x2)
 BAD_CASE(checkout_port_65536, IPC_CHECKOUT, -1, p->checkout.client_port = 65536)
 BAD_CASE(hello_reply_unknown_flag, IPC_HELLO_REPLY, -1, p->hello_reply.flags |= 0x80000000u)
-BAD_CASE(checkout_ok_unknown_flag, IPC_CHECKOUT_OK, -1, p->checkout_ok.flags |= 0x2)
+BAD_CASE(checkout_ok_unknown_flag, IPC_CHECKOUT_OK, -1, p->checkout_ok.flags |= 0x4)
 BAD_CASE(checkin_state_0, IPC_CHECKIN, -1, p->checkin.state = 0)
 BAD_CASE(checkin_state_3, IPC_CHECKIN, -1, p->checkin.state = 3)
 BAD_CASE(checkin_state_max, IPC_CHECKIN, -1, p->checkin.state = UINT32_MAX)
@@ -856,7 +977,47 @@ BAD_CASE(fail_status_4, IPC_CHECKOUT_FAIL, -1, p->checkout_fail.status = 4)
 BAD_CASE(fail_status_max, IPC_CHECKOUT_FAIL, -1, p->checkout_fail.status = UINT32_MAX)
 
 /* reserved fields */
-BAD_CASE(hello_reserved, IPC_HELLO, -1, p->hello.reserved = 1)
+BAD_CASE(hello_role_0, IPC_HELLO, -1, p->hello.role = 0)
+BAD_CASE(hello_role_3, IPC_HELLO, -1, p->hello.role = 3)
+
+/* the admin and trace messages (IPC_PROTO_VERSION 3) */
+BAD_CASE(fd_on_admin, IPC_ADMIN, 1, )
+BAD_CASE(fd_on_trace, IPC_TRACE, 1, )
+BAD_CASE(fd_on_trace_event, IPC_TRACE_EVENT, 1, )
+BAD_CASE(admin_op_0, IPC_ADMIN, -1, p->admin.op = 0)
+BAD_CASE(admin_op_5, IPC_ADMIN, -1, p->admin.op = 5)
+BAD_CASE(admin_reserved, IPC_ADMIN, -1, p->admin.reserved = 1)
+BAD_CASE(admin_trace_without_user, IPC_ADMIN, -1, p->admin.user[0] = '\0')
+BAD_CASE(admin_stats_with_user, IPC_ADMIN, -1, p->admin.op = IPC_ADMIN_OP_STATS)
+BAD_CASE(admin_list_with_user, IPC_ADMIN, -1, p->admin.op = IPC_ADMIN_OP_LIST)
+BAD_CASE(unterminated_admin_user, IPC_ADMIN, -1, memset(p->admin.user, 'u', sizeof(p->admin.user)))
+BAD_CASE(trace_dir_0, IPC_TRACE, -1, p->trace.dir = 0)
+BAD_CASE(trace_dir_4, IPC_TRACE, -1, p->trace.dir = 4)
+BAD_CASE(trace_unknown_flag, IPC_TRACE, -1, p->trace.flags |= 0x2)
+BAD_CASE(trace_reserved, IPC_TRACE, -1, p->trace.reserved = 1)
+BAD_CASE(trace_line_with_lf, IPC_TRACE, -1, p->trace.line[3] = '\n')
+BAD_CASE(trace_line_with_cr, IPC_TRACE, -1, p->trace.line[0] = '\r')
+BAD_CASE(unterminated_trace_line, IPC_TRACE, -1, memset(p->trace.line, 'l', sizeof(p->trace.line)))
+BAD_CASE(admin_stats_reserved, IPC_ADMIN_STATS, -1, p->admin_stats.reserved = 1)
+BAD_CASE(admin_conn_state_0, IPC_ADMIN_CONN, -1, p->admin_conn.state = 0)
+BAD_CASE(admin_conn_state_3, IPC_ADMIN_CONN, -1, p->admin_conn.state = 3)
+BAD_CASE(admin_conn_unknown_flag, IPC_ADMIN_CONN, -1, p->admin_conn.flags |= 0x4)
+BAD_CASE(unterminated_admin_conn_user, IPC_ADMIN_CONN, -1, memset(p->admin_conn.user, 'u', sizeof(p->admin_conn.user)))
+BAD_CASE(unterminated_admin_conn_authzid, IPC_ADMIN_CONN, -1,
+         memset(p->admin_conn.authzid, 'z', sizeof(p->admin_conn.authzid)))
+BAD_CASE(unterminated_admin_conn_backend, IPC_ADMIN_CONN, -1,
+         memset(p->admin_conn.backend, 'b', sizeof(p->admin_conn.backend)))
+BAD_CASE(admin_done_reserved, IPC_ADMIN_DONE, -1, p->admin_done.reserved = 1)
+BAD_CASE(admin_done_text_with_lf, IPC_ADMIN_DONE, -1, p->admin_done.text[1] = '\n')
+BAD_CASE(unterminated_admin_done_text, IPC_ADMIN_DONE, -1,
+         memset(p->admin_done.text, 't', sizeof(p->admin_done.text)))
+BAD_CASE(trace_event_dir_0, IPC_TRACE_EVENT, -1, p->trace_event.dir = 0)
+BAD_CASE(trace_event_unknown_flag, IPC_TRACE_EVENT, -1, p->trace_event.flags = 0x10)
+BAD_CASE(trace_event_line_with_lf, IPC_TRACE_EVENT, -1, p->trace_event.line[5] = '\n')
+BAD_CASE(unterminated_trace_event_user, IPC_TRACE_EVENT, -1,
+         memset(p->trace_event.user, 'u', sizeof(p->trace_event.user)))
+BAD_CASE(unterminated_trace_event_line, IPC_TRACE_EVENT, -1,
+         memset(p->trace_event.line, 'l', sizeof(p->trace_event.line)))
 BAD_CASE(checkout_ok_reserved, IPC_CHECKOUT_OK, -1, p->checkout_ok.reserved = 0x80000000u)
 BAD_CASE(checkout_fail_reserved, IPC_CHECKOUT_FAIL, -1, p->checkout_fail.reserved = 1)
 BAD_CASE(checkin_reserved, IPC_CHECKIN, -1, p->checkin.reserved = 1)
