@@ -1,6 +1,6 @@
 # imapproxy -- GNU make, no autotools.
 #
-#   make                 build broker/imapproxy-broker and session/imapproxy-session
+#   make                 build broker/imapproxy-broker, session/imapproxy-session, ctl/imapproxyctl
 #   make check           install test dependencies (as root), run every test
 #   make check-nspawn    only the test under real systemd in systemd-nspawn (root)
 #   make install DESTDIR=... prefix=... unitdir=...
@@ -54,7 +54,7 @@ FUZZ_SRC      := $(sort $(wildcard tests/fuzz/fuzz-*.c))
 FUZZ_REPLAY   := $(patsubst tests/fuzz/fuzz-%.c,tests/fuzz/replay-%,$(FUZZ_SRC))
 FUZZ_BIN      := $(patsubst tests/fuzz/fuzz-%.c,tests/fuzz/libfuzzer-%,$(FUZZ_SRC))
 
-BINARIES := broker/imapproxy-broker session/imapproxy-session session/imapproxy-session-tls
+BINARIES := broker/imapproxy-broker session/imapproxy-session session/imapproxy-session-tls ctl/imapproxyctl
 BENCH_BIN := bench/imapload bench/hello
 
 # The session is exec'd once per client connection, so its start-up is paid on
@@ -128,6 +128,10 @@ $(TLS_DIR)/%.o: %.c
 session/imapproxy-session-tls: $(TLS_SESSION_OBJ) common/libcommon.a
 	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $(TLS_SESSION_OBJ) common/libcommon.a $(TLS_SESSION_LIBS)
 
+# imapproxyctl: glibc, libc only (no GnuTLS, no libsystemd).
+ctl/imapproxyctl: ctl/imapproxyctl.o common/libcommon.a
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ ctl/imapproxyctl.o common/libcommon.a
+
 build/session-libc: FORCE
 	@mkdir -p $(@D); echo '$(SESSION_LIBC) $(SAN)' | cmp -s - $@ || echo '$(SESSION_LIBC) $(SAN)' > $@
 
@@ -184,6 +188,7 @@ install: all install-catalog
 	install -Dm0755 broker/imapproxy-broker $(DESTDIR)$(sbindir)/imapproxy-broker
 	install -Dm0755 session/imapproxy-session $(DESTDIR)$(libexecdir)/imapproxy-session
 	install -Dm0755 session/imapproxy-session-tls $(DESTDIR)$(libexecdir)/imapproxy-session-tls
+	install -Dm0755 ctl/imapproxyctl $(DESTDIR)$(sbindir)/imapproxyctl
 	install -Dm0644 imapproxy.conf $(DESTDIR)$(sysconfdir)/imapproxy.conf
 	install -d $(DESTDIR)$(sysconfdir)/imapproxy.conf.d
 	install -d $(DESTDIR)$(unitdir)

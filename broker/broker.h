@@ -8,6 +8,7 @@
  *	resolve.c  asynchronous getaddrinfo feeding the event loop
  *	stats.c    counters and peaks (imapproxyctl stats, STATUS=)
  *	tls.c      backend TLS: credentials, sessions, the relay for lent TLS connections
+ *	admin.c    imapproxyctl peers: stats, list, flush, trace
  */
 #pragma once
 
@@ -18,7 +19,7 @@
 
 #include "config.h"
 #include "imap-scanner.h"
-#include "ipc-proto.h"
+#include "ipc.h"
 #include "stats.h"
 
 #define VERIFIER_SIZE 32 /* HMAC-SHA256 */
@@ -29,7 +30,9 @@ typedef struct Peer Peer;
 typedef struct BackendJob BackendJob;
 typedef struct Resolve Resolve;
 typedef struct TlsRelay TlsRelay;
+typedef struct AdminPeer AdminPeer;
 struct addrinfo;
+struct ucred;
 
 /* Interned capability string: many connections share one copy. */
 typedef struct Caps {
@@ -59,12 +62,44 @@ struct Conn {
         uint64_t created_usec, idle_since_usec;
         unsigned uses;
         uint64_t tls_profile;           /* 0: plain TCP; else the TLS profile it was made under (relayed) */
+        bool no_reuse;                  /* flushed while lent: close it when it comes back */
+        bool traced;                    /* lent with IPC_LEASE_F_TRACE */
         Caps *caps;                     /* post-login capabilities */
         uint8_t verifier[VERIFIER_SIZE];
         Conn *bucket_next, *bucket_prev; /* pool hash chain (idle only) */
         Conn *idle_next, *idle_prev;     /* global idle list, oldest first */
         char user[IPC_USER_MAX];         /* authentication identity */
         char authzid[IPC_USER_MAX];      /* authorisation identity, "" if none */
+        char backend[IPC_BACKEND_MAX];   /* server address:port, for imapproxyctl list */
+};
+
+typedef enum PeerState {
+        PEER_NEW,
+        PEER_READY,
+        PEER_PENDING,
+        PEER_LEASED,
+        PEER_ADMIN,
+        _PEER_STATE_MAX,
+} PeerState;
+
+/* One connection on the broker socket: a session, or imapproxyctl (admin). */
+struct Peer {
+        Broker *broker;
+        int fd;
+        sd_event_source *io;
+        pid_t pid;
+        uid_t uid;
+        gid_t gid;
+        PeerState state;
+        IpcRole role;            /* 0 until hello */
+        bool traced;             /* a lease of this session was lent with IPC_LEASE_F_TRACE */
+        BackendJob *job;
+        Conn *lease;
+        AdminPeer *admin;        /* role admin only */
+        char user[IPC_USER_MAX]; /* of the last checkout, for logs and traces */
+        char client[IPC_ADDR_MAX]; /* the session's client address, "" if unknown, for logs */
+        char pidtext[16];          /* IMAPPROXY_SESSION_PID= */
+        Peer *next, *prev;
 };
 
 
@@ -79,6 +114,9 @@ struct Broker {
         sd_event_source *listen_source;
         gid_t allowed_gid;
         bool allowed_gid_set;
+        gid_t admin_gid;                 /* admin_group */
+        bool admin_gid_set;
+        uint64_t start_usec;
 
         uint8_t hmac_key[32];
         uint64_t next_ticket;
@@ -92,7 +130,9 @@ struct Broker {
 
         /* peers */
         Peer *peers;
-        unsigned n_peers;
+        unsigned n_peers;                /* sessions (and peers that have not said hello yet) */
+        AdminPeer *admins;               /* imapproxyctl connections */
+        unsigned n_tracers;              /* of them, tracing a user */
 
         /* backend */
         Caps *caps_cache;                /* last interned post-login caps */
@@ -126,6 +166,7 @@ void pool_conn_free(Conn *c, bool logout);
 void pool_drop_user_except(Broker *b, const char *user, const char *authzid, const uint8_t verifier[VERIFIER_SIZE]);
 void pool_logout_all(Broker *b);
 void pool_config_changed(Broker *b);
+unsigned pool_flush(Broker *b, const char *user);
 void compute_verifier(const Broker *b, const char *user, const char *authzid, const char *password,
                       uint8_t ret[VERIFIER_SIZE]);
 Conn *conn_new_lent(Broker *b, int fd, const char *user, const char *authzid, const uint8_t verifier[VERIFIER_SIZE],
@@ -162,6 +203,16 @@ void tls_done(Broker *b);
 /* peer.c */
 int peer_listen(Broker *b);
 void peer_close_all(Broker *b);
+
+/* admin.c */
+int admin_init(Broker *b);
+bool admin_may_connect(const Broker *b, int fd, const struct ucred *cred);
+int admin_hello(Peer *p);
+int admin_dispatch(Peer *p, IpcMessage *m);
+int admin_flush_output(Peer *p);
+void admin_peer_free(Peer *p);
+bool admin_is_traced(const Broker *b, const char *user);
+void admin_trace_forward(Broker *b, const Peer *session, const struct ipc_trace *t);
 
 /* main.c */
 extern const char *arg_config;

@@ -195,7 +195,8 @@ int main(int argc, char **argv) {
         /* Trust store and client certificate: once, here (a bad file stops us now). */
         if (tls_init(b) < 0 || listen_tls_check(&b->cfg) < 0)
                 return 1;
-        if ((r = pool_init(b)) < 0 || (r = resolve_init(b)) < 0 || (r = backend_init(b)) < 0)
+        if ((r = pool_init(b)) < 0 || (r = resolve_init(b)) < 0 || (r = backend_init(b)) < 0 ||
+            (r = admin_init(b)) < 0)
                 return log_error_errno(r, "initialisation: %m"), 1;
         r = peer_listen(b);
         if (r < 0)

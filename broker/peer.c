@@ -5,7 +5,7 @@
  *	int peer_listen(Broker *b);
  *	void peer_close_all(Broker *b);
  * DESCRIPTION
- *	Accepts sessions on the broker socket (an inherited LISTEN_FDS socket,
+ *	Accepts sessions (and imapproxyctl, see admin.c) on the broker socket (an inherited LISTEN_FDS socket,
  *	or one we bind at broker_socket), checks SO_PEERCRED (root, our own
  *	uid, or broker_socket_group), and runs each peer's small state machine:
  *	  NEW --hello--> READY --checkout--> PENDING --> LEASED --checkin--> READY
@@ -36,33 +36,11 @@
 #include "ipc.h"
 #include "log.h"
 
-typedef enum PeerState {
-        PEER_NEW,
-        PEER_READY,
-        PEER_PENDING,
-        PEER_LEASED,
-        _PEER_STATE_MAX,
-} PeerState;
-
 static const char *const peer_state_names[_PEER_STATE_MAX] = {
         [PEER_NEW] = "new", [PEER_READY] = "ready", [PEER_PENDING] = "pending", [PEER_LEASED] = "leased",
+        [PEER_ADMIN] = "admin",
 };
 static_assert(ELEMENTSOF(peer_state_names) == _PEER_STATE_MAX, "peer state names");
-
-struct Peer {
-        Broker *broker;
-        int fd;
-        sd_event_source *io;
-        pid_t pid;
-        uid_t uid;
-        PeerState state;
-        BackendJob *job;
-        Conn *lease;
-        char user[IPC_USER_MAX]; /* of the pending checkout, for logs */
-        char client[IPC_ADDR_MAX]; /* the session's client address, "" if unknown, for logs */
-        char pidtext[16];          /* IMAPPROXY_SESSION_PID= */
-        Peer *next, *prev;
-};
 
 static void peer_enter_state(Peer *p, PeerState s) {
         log_debug("session %d: %s -> %s", (int) p->pid, peer_state_names[p->state], peer_state_names[s]);
@@ -84,6 +62,8 @@ static void peer_free(Peer *p) {
                 pool_conn_free(p->lease, false);
                 p->lease = NULL;
         }
+        if (p->admin)
+                admin_peer_free(p);
         p->io = sd_event_source_disable_unref(p->io);
         p->fd = safe_close(p->fd);
         if (p->prev)
@@ -92,7 +72,8 @@ static void peer_free(Peer *p) {
                 b->peers = p->next;
         if (p->next)
                 p->next->prev = p->prev;
-        b->n_peers--;
+        if (p->role == IPC_ROLE_SESSION)
+                b->n_peers--;
         free(p);
         broker_update_status(b);
 }
@@ -111,6 +92,13 @@ static int peer_lend(Peer *p, Conn *c, bool reused) {
 
         c->ticket = ++b->next_ticket;
         c->peer = p;
+        /* Tracing is decided per lease: a trace started later sees the
+         * user's next login, not one already in progress. */
+        c->traced = b->n_tracers > 0 && admin_is_traced(b, c->user);
+        if (c->traced) {
+                m.flags |= IPC_LEASE_F_TRACE;
+                p->traced = true;
+        }
         snprintf(m.caps, sizeof(m.caps), "%s", c->caps ? c->caps->text : "");
         m.ticket = c->ticket;
         r = ipc_send(p->fd, IPC_CHECKOUT_OK, &m, sizeof(m), c->fd);
@@ -234,10 +222,18 @@ static int peer_dispatch(Peer *p, IpcMessage *m) {
                 if (p->state != PEER_NEW)
                         return -EPROTO;
                 if (m->u.hello.version != IPC_PROTO_VERSION) {
-                        log_warning("session %d speaks protocol %u, we speak %u: mixed installation?", (int) p->pid,
+                        log_warning("%s %d speaks protocol %u, we speak %u: mixed installation?",
+                                    m->u.hello.role == IPC_ROLE_ADMIN ? "imapproxyctl" : "session", (int) p->pid,
                                     m->u.hello.version, IPC_PROTO_VERSION);
                         return -EPROTONOSUPPORT;
                 }
+                p->role = m->u.hello.role;
+                if (p->role == IPC_ROLE_ADMIN) {
+                        peer_enter_state(p, PEER_ADMIN);
+                        return admin_hello(p);
+                }
+                b->n_peers++;
+                stats_note_clients(&b->stats, b->n_peers);
                 struct ipc_hello_reply rep = { .version = IPC_PROTO_VERSION };
                 if (b->prelogin_caps_known) {
                         rep.flags |= IPC_HELLO_F_BACKEND_KNOWN;
@@ -273,6 +269,17 @@ static int peer_dispatch(Peer *p, IpcMessage *m) {
                 pool_return_dirty(b, c, fd);
                 return 0;
         }
+        case IPC_TRACE:
+                /* Only from a session that was asked to trace (IPC_LEASE_F_TRACE);
+                 * lines may still come after its checkin (the final BYE). */
+                if (p->role != IPC_ROLE_SESSION || !p->traced)
+                        return -EPROTO;
+                admin_trace_forward(b, p, &m->u.trace);
+                return 0;
+        case IPC_ADMIN:
+                if (p->state != PEER_ADMIN)
+                        return -EPROTO; /* a session may never send an admin request */
+                return admin_dispatch(p, m);
         default:
                 return -EPROTO;
         }
@@ -283,6 +290,13 @@ static int peer_on_io(sd_event_source *s, int fd, uint32_t revents, void *userda
         IpcMessage m;
         int r;
 
+        if (p->admin && (revents & EPOLLOUT)) {
+                r = admin_flush_output(p);
+                if (r < 0)
+                        goto drop;
+        }
+        if (!(revents & (EPOLLIN | EPOLLHUP | EPOLLERR)))
+                return 0;
         for (;;) {
                 r = ipc_recv(p->fd, &m);
                 if (r == -EAGAIN)
@@ -294,16 +308,20 @@ static int peer_on_io(sd_event_source *s, int fd, uint32_t revents, void *userda
                 if (r < 0)
                         break;
         }
+drop:
         if (r != -ECONNRESET)
-                log_warning_errno(r, "session %d: dropping: %m", (int) p->pid);
+                log_warning_errno(r, "%s %d: dropping: %m", p->role == IPC_ROLE_ADMIN ? "imapproxyctl" : "session",
+                                  (int) p->pid);
         peer_free(p);
         return 0;
 }
 
-static bool peer_allowed(Broker *b, const struct ucred *cred) {
+static bool peer_allowed(Broker *b, int fd, const struct ucred *cred) {
         if (cred->uid == 0 || cred->uid == geteuid())
                 return true;
-        return b->allowed_gid_set && cred->gid == b->allowed_gid;
+        if (b->allowed_gid_set && cred->gid == b->allowed_gid)
+                return true;
+        return admin_may_connect(b, fd, cred); /* an administrator (admin_group) */
 }
 
 static int listen_on_accept(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
@@ -319,8 +337,8 @@ static int listen_on_accept(sd_event_source *s, int fd, uint32_t revents, void *
                 }
                 struct ucred cred;
                 socklen_t l = sizeof(cred);
-                if (getsockopt(cfd, SOL_SOCKET, SO_PEERCRED, &cred, &l) < 0 || !peer_allowed(b, &cred)) {
-                        log_warning("refusing broker connection from pid %d uid %d: not a session", (int) cred.pid,
+                if (getsockopt(cfd, SOL_SOCKET, SO_PEERCRED, &cred, &l) < 0 || !peer_allowed(b, cfd, &cred)) {
+                        log_warning("refusing broker connection from pid %d uid %d: not a session or an administrator", (int) cred.pid,
                                     (int) cred.uid);
                         safe_close(cfd);
                         continue;
@@ -335,6 +353,7 @@ static int listen_on_accept(sd_event_source *s, int fd, uint32_t revents, void *
                 p->pid = cred.pid;
                 (void) snprintf(p->pidtext, sizeof(p->pidtext), "%d", (int) cred.pid);
                 p->uid = cred.uid;
+                p->gid = cred.gid;
                 p->state = PEER_NEW;
                 int r = sd_event_add_io(b->event, &p->io, cfd, EPOLLIN, peer_on_io, p);
                 if (r < 0) {
@@ -346,8 +365,6 @@ static int listen_on_accept(sd_event_source *s, int fd, uint32_t revents, void *
                 if (p->next)
                         p->next->prev = p;
                 b->peers = p;
-                b->n_peers++;
-                stats_note_clients(&b->stats, b->n_peers);
         }
 }
 

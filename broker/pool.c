@@ -26,9 +26,12 @@
  * ERRORS
  *	0 or -errno: -ENOENT no idle connection for that key, -EBUSY cache full.
  */
+#include <arpa/inet.h>
 #include <errno.h>
 #include <gnutls/crypto.h>
 #include <gnutls/gnutls.h>
+#include <netinet/in.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -314,6 +317,30 @@ static uint64_t socket_cookie(int fd) {
         return cookie;
 }
 
+/* "address:port" of the server end, for imapproxyctl list. */
+static void conn_describe_backend(int fd, char *out, size_t size) {
+        struct sockaddr_storage ss;
+        socklen_t l = sizeof(ss);
+        char host[INET6_ADDRSTRLEN] = "?";
+        unsigned port = 0;
+
+        out[0] = '\0';
+        if (getpeername(fd, (struct sockaddr *) &ss, &l) < 0)
+                return;
+        if (ss.ss_family == AF_INET) {
+                const struct sockaddr_in *s4 = (const struct sockaddr_in *) &ss;
+                (void) inet_ntop(AF_INET, &s4->sin_addr, host, sizeof(host));
+                port = ntohs(s4->sin_port);
+                snprintf(out, size, "%s:%u", host, port);
+        } else if (ss.ss_family == AF_INET6) {
+                const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *) &ss;
+                (void) inet_ntop(AF_INET6, &s6->sin6_addr, host, sizeof(host));
+                port = ntohs(s6->sin6_port);
+                snprintf(out, size, "[%s]:%u", host, port);
+        } else
+                snprintf(out, size, "local");
+}
+
 Conn *conn_new_lent(Broker *b, int fd, const char *user, const char *authzid, const uint8_t verifier[VERIFIER_SIZE],
                     Caps *caps, uint64_t tls_profile) {
         Conn *c = calloc(1, sizeof(Conn));
@@ -329,6 +356,7 @@ Conn *conn_new_lent(Broker *b, int fd, const char *user, const char *authzid, co
         memcpy(c->verifier, verifier, VERIFIER_SIZE);
         snprintf(c->user, sizeof(c->user), "%s", user);
         snprintf(c->authzid, sizeof(c->authzid), "%s", authzid);
+        conn_describe_backend(fd, c->backend, sizeof(c->backend));
         b->n_lent++;
         stats_note_lent(&b->stats, b->n_lent);
         return c;
@@ -387,6 +415,22 @@ void pool_drop_user_except(Broker *b, const char *user, const char *authzid, con
         }
 }
 
+/* imapproxyctl flush: log out the idle connections of user ("" = all). */
+unsigned pool_flush(Broker *b, const char *user) {
+        unsigned n = 0;
+        Conn *c = b->idle_head;
+        while (c) {
+                Conn *next = c->idle_next;
+                if (user[0] == '\0' || strcmp(c->user, user) == 0) {
+                        b->stats.flushed++;
+                        n++;
+                        pool_conn_free(c, true);
+                }
+                c = next;
+        }
+        return n;
+}
+
 int pool_make_room(Broker *b) {
         if (pool_total(b) < b->cfg.cache_size)
                 return 0;
@@ -422,6 +466,12 @@ int pool_checkin(Broker *b, Conn *c, int fd) {
         c->state = CONN_DETACHED;
 
         if (b->cfg.cache_expiration_time == 0 || b->stopping) {
+                pool_conn_free(c, true);
+                return 0;
+        }
+        if (c->no_reuse) {
+                log_info("connection of %s returned after imapproxyctl flush: logging out", c->user);
+                b->stats.flushed++;
                 pool_conn_free(c, true);
                 return 0;
         }

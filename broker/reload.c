@@ -17,7 +17,7 @@
  *	when it changes a key that only a restart can apply (restart_keys[]):
  *	the backend and its TLS settings (pooled connections are logged in to
  *	the old one; TLS credentials are loaded once), the broker socket (bound
- *	once) and proxy authentication (pooled connections are logged in as the
+ *	once), admin_group (resolved once) and proxy authentication (pooled connections are logged in as the
  *	old account). Everything else applies at once:
  *	cache_size (surplus idle connections are closed), cache_expiration_time
  *	(also for connections already idle), max_idle_per_user, backend_timeout
@@ -42,7 +42,7 @@
 #include "log.h"
 
 static const char *const restart_keys[] = {
-        "server_hostname", "server_port", "broker_socket", "broker_socket_group",
+        "server_hostname", "server_port", "broker_socket", "broker_socket_group", "admin_group",
         "auth_shared_secret", "auth_sasl_plain_username", "auth_sasl_plain_password",
         /* backend TLS: the credentials and priorities are loaded once (tls_init) */
         "server_tls", "tls_server_name", "force_tls", "tls_ca_file", "tls_ca_path", "tls_cert_file",

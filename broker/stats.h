@@ -22,7 +22,8 @@ typedef struct Stats {
         uint64_t expired;             /* idle connections closed after cache_expiration_time */
         uint64_t dead;                /* idle connections found dead (EOF, BYE, junk) */
         uint64_t dirty;               /* returned dirty or never returned: not reused */
-        uint64_t flushed;             /* idle connections closed by imapproxyctl flush */
+        uint64_t flushed;             /* connections closed by imapproxyctl flush */
+        uint64_t trace_dropped;       /* trace lines dropped: session or imapproxyctl too slow */
         unsigned peak_lent, peak_idle, peak_clients;
 } Stats;
 

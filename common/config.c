@@ -114,15 +114,15 @@ typedef struct ConfigKey {
 #define WHY_CHROOT                                                                                \
         "not yet supported: confine the daemons with the service manager "                        \
         "(systemd RootDirectory=, ProtectSystem=, PrivateTmp=)"
-#define WHY_STATS "not supported: there is no pimpstat file; use imapproxyctl stats (planned)"
-#define WHY_PROTOLOG "not yet supported: there is no protocol trace log"
+#define WHY_STATS "not supported: there is no pimpstat file; use imapproxyctl stats"
+#define WHY_PROTOLOG "not supported: there is no protocol log file; use imapproxyctl trace USER"
 #define WHY_FOREGROUND                                                                            \
         "ignored: imapproxy-broker always runs in the foreground, supervised by its service manager"
 #define WHY_RETRIES                                                                               \
         "ignored: the broker connects per login, bounded by backend_timeout; there is no startup " \
         "reachability loop"
 #define WHY_SELECT_CACHE "ignored: SELECT always goes to the server (a cached SELECT can hide new mail)"
-#define WHY_ADMIN "not yet supported: the XPROXY_* admin commands are not implemented"
+#define WHY_ADMIN "not supported: the XPROXY_* admin commands are replaced by imapproxyctl on the broker socket"
 
 /* C type of the Config field behind each ConfigType; KEY() checks it at compile time. */
 #define CTYPE_STRING char *
@@ -196,6 +196,7 @@ static const ConfigKey config_keys[] = {
 
         KEY("broker_socket", SOCKET_PATH, broker_socket, 0, 0, 0, NULL),
         KEY("broker_socket_group", WORD, broker_socket_group, 0, 255, 0, NULL),
+        KEY("admin_group", WORD, admin_group, 0, 255, 0, NULL),
         KEY("backend_timeout", UINT, backend_timeout, 1, 86400, 0, NULL),
         KEY("client_prelogin_timeout", UINT, client_prelogin_timeout, 1, 86400, 0, NULL),
         KEY("client_idle_timeout", UINT, client_idle_timeout, 1, 86400, 0, NULL),

@@ -74,6 +74,7 @@ typedef struct Config {
         /* ---- imapproxy keys ---- */
         char *broker_socket;           /* default IPC_DEFAULT_SOCKET */
         char *broker_socket_group;     /* group allowed to connect (besides root and the broker's uid) */
+        char *admin_group;             /* group allowed to use imapproxyctl (besides root) */
         unsigned backend_timeout;      /* s: connect, greeting, login, each backend reply; default 30 */
         unsigned client_prelogin_timeout; /* s: client idle before login; default 60 */
         unsigned client_idle_timeout;  /* s: client idle after login; default 1800 */

@@ -140,6 +140,7 @@ static int login_with(Prelogin *p, const char *tag, const char *user, const char
                 s->retry_armed = true;
         }
         caps_filter(s->postlogin_caps, 0, caps, sizeof(caps));
+        TRACE_NOTE(s, "%.64s logged in as %s (credentials not shown): %s", tag, user, s->reused ? "cache hit" : "new backend connection");
         r = reply(s, "%s%s OK [CAPABILITY %s] Logged in\r\n",
                   s->reused ? "* OK [XPROXYREUSE] IMAP connection reused by imapproxy\r\n" : "", tag, caps);
         if (r < 0)

@@ -588,6 +588,7 @@ static void client_read(Relay *r) {
                 return;
         }
         replay_record(r, r->cbuf + r->clen, (size_t) n);
+        TRACE_BYTES(r->s, IPC_TRACE_CLIENT, r->cbuf + r->clen, (size_t) n);
         r->clen += (size_t) n;
         r->last_client_usec = now_usec();
         client_scan(r);
@@ -634,6 +635,7 @@ static void backend_read(Relay *r) {
                         return;
                 retry_disarm(r); /* it answered: from now on it is the client's connection */
         }
+        TRACE_BYTES(r->s, IPC_TRACE_SERVER, r->sbuf, (size_t) n);
         r->slen = (size_t) n;
         r->sline_start = imap_scanner_at_line_start(r->ssc) ? 0 : SIZE_MAX;
         r->last_backend_usec = now_usec();
@@ -676,6 +678,7 @@ static int relay_finish(Relay *r) {
         if (!clean)
                 log_info("session of %s ends; backend connection not reused: %s", s->user,
                          r->taint_reason ? r->taint_reason : r->selected ? "mailbox still selected" : "unfinished");
+        TRACE_NOTE(s, "session ends: %s", clean ? "connection returned to the pool" : "connection not reusable");
         (void) broker_checkin(s, clean);
 
         if (!r->client_alive)
@@ -741,6 +744,7 @@ static int relay_once(Session *s, uint8_t **ret_replay, size_t *ret_replay_len) 
                 size_t l = MIN(s->pending_len, r->ccap);
                 memcpy(r->cbuf, s->pending, l);
                 replay_record(r, r->cbuf, l);
+                TRACE_BYTES(s, IPC_TRACE_CLIENT, r->cbuf, l);
                 r->clen = l;
                 client_scan(r);
         }

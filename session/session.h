@@ -8,6 +8,7 @@
  *	broker.c    talking to the broker (hello, checkout, checkin)
  *	tls.c       client TLS (GnuTLS): only in imapproxy-session-tls, built
  *	            from the same sources with -DSESSION_TLS
+ *	trace.c     redacted protocol lines for imapproxyctl trace
  */
 #pragma once
 
@@ -22,6 +23,7 @@
 #include "config.h"
 #include "imap-scanner.h"
 #include "ipc-proto.h"
+#include "macro.h"
 
 typedef struct Session {
         Config cfg;
@@ -51,6 +53,8 @@ typedef struct Session {
         char client_id[IPC_ID_MAX];       /* the client's ID parameters for the backend, or "" */
         char local_addr[IPC_ADDR_MAX];
         unsigned local_port;
+
+        struct SessionTrace *trace; /* non-NULL only while imapproxyctl traces this user */
 
         /* bytes read from the client before login that belong to the relay */
         uint8_t *pending;
@@ -96,6 +100,22 @@ int prelogin_run(Session *s);
 
 /* relay.c: returns when the session is over. */
 int relay_run(Session *s);
+
+/* trace.c: imapproxyctl trace. The hooks cost one pointer test when the
+ * user is not traced. */
+int trace_start(Session *s);
+void trace_feed(Session *s, IpcTraceDir dir, const void *buf, size_t len);
+void trace_note(Session *s, const char *fmt, ...) _printf_(2, 3);
+#define TRACE_BYTES(s, dir, buf, len)                                                             \
+        do {                                                                                      \
+                if (_unlikely_((s)->trace))                                                       \
+                        trace_feed((s), (dir), (buf), (len));                                     \
+        } while (0)
+#define TRACE_NOTE(s, ...)                                                                        \
+        do {                                                                                      \
+                if (_unlikely_((s)->trace))                                                       \
+                        trace_note((s), __VA_ARGS__);                                             \
+        } while (0)
 
 /* main.c */
 int client_write(Session *s, const char *buf, size_t len);
