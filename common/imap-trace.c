@@ -174,26 +174,27 @@ void imap_trace_feed(ImapTrace *t, IpcTraceDir dir, const uint8_t *buf, size_t l
                         i += take;
                         continue;
                 }
+                if (s->pending_cr && buf[i] != '\n') {
+                        /* the CR that ended the last buffer was a bare CR in the line */
+                        stream_append(s, "\r", 1);
+                        tail_push(s, '\r');
+                }
+                s->pending_cr = false;
                 const uint8_t *nl = memchr(buf + i, '\n', len - i);
                 size_t end = nl ? (size_t) (nl - buf) : len;
-                size_t seg = end - i;
-                /* the physical line's text (without CR LF) */
-                size_t text = seg;
-                if (nl && text > 0 && buf[end - 1] == '\r')
+                /* the physical line's text (without CR LF); a CR at the end of
+                 * the buffer may be the line's end: decided by the next byte */
+                size_t text = end - i;
+                if (text > 0 && buf[end - 1] == '\r') {
                         text--;
-                else if (!nl && text > 0 && buf[end - 1] == '\r')
-                        text--; /* a CR at the end of the buffer: may be the line's end */
+                        s->pending_cr = !nl;
+                }
                 stream_append(s, (const char *) buf + i, text);
                 for (size_t k = 0; k < text; k++)
                         tail_push(s, (char) buf[i + k]);
-                if (!nl && text < seg)
-                        tail_push(s, '\r'); /* CR not yet known to end the line */
                 i = nl ? end + 1 : end;
                 if (!nl)
                         break;
-                /* end of a physical line: a CR pushed at the previous buffer's end goes */
-                if (s->tail_len > 0 && s->tail[s->tail_len - 1] == '\r')
-                        s->tail_len--;
                 uint64_t lit;
                 if (literal_at_end(s, &lit)) {
                         char note[40];

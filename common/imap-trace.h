@@ -22,6 +22,7 @@ typedef struct ImapTraceStream {
         char tail[IMAP_TRACE_TAIL];    /* last raw bytes of the current physical line */
         size_t tail_len;
         uint64_t literal_left;         /* literal bytes still to skip */
+        bool pending_cr;               /* the last buffer ended in CR: line end or not, we shall see */
 } ImapTraceStream;
 
 typedef struct ImapTrace {

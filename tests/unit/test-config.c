@@ -154,6 +154,7 @@ Test(config, defaults) {
         cr_expect_str_eq(c->broker_socket, IPC_DEFAULT_SOCKET);
         cr_expect_str_eq(c->broker_socket, "/run/imapproxy/broker.sock");
         cr_expect_null(c->broker_socket_group);
+        cr_expect_null(c->admin_group);
         cr_expect_eq(c->backend_timeout, 30);
         cr_expect_eq(c->client_prelogin_timeout, 60);
         cr_expect_eq(c->client_idle_timeout, 1800);
@@ -226,6 +227,7 @@ static const char all_keys[] =
         "ipversion_only 6\n"
         "broker_socket /run/test/broker.sock\n"
         "broker_socket_group imapproxy\n"
+        "admin_group imapadmin\n"
         "backend_timeout 10\n"
         "client_prelogin_timeout 20\n"
         "client_idle_timeout 86400\n"
@@ -281,6 +283,7 @@ Test(config, every_key_parses) {
         cr_expect_eq(c->ipversion_only, 6);
         cr_expect_str_eq(c->broker_socket, "/run/test/broker.sock");
         cr_expect_str_eq(c->broker_socket_group, "imapproxy");
+        cr_expect_str_eq(c->admin_group, "imapadmin");
         cr_expect_eq(c->backend_timeout, 10);
         cr_expect_eq(c->client_prelogin_timeout, 20);
         cr_expect_eq(c->client_idle_timeout, 86400);
@@ -847,12 +850,12 @@ Test(config, warnings_for_keys_not_applied) {
                 { "proc_groupname nogroup", "t.conf:1: proc_groupname: not yet supported" },
                 { "chroot_directory /var/empty", "t.conf:1: chroot_directory: not yet supported" },
                 { "stat_filename /var/run/pimpstats", "t.conf:1: stat_filename: not supported: " },
-                { "protocol_log_filename /x", "t.conf:1: protocol_log_filename: not yet supported" },
+                { "protocol_log_filename /x", "t.conf:1: protocol_log_filename: not supported: there is no protocol log file; use imapproxyctl trace USER" },
                 { "foreground_mode no", "t.conf:1: foreground_mode: ignored: imapproxy-broker always runs in the foreground" },
                 { "connect_retries 10", "t.conf:1: connect_retries: ignored: the broker connects per login" },
                 { "connect_delay 5", "t.conf:1: connect_delay: ignored: the broker connects per login" },
                 { "enable_select_cache yes", "t.conf:1: enable_select_cache: ignored: SELECT always goes to the server" },
-                { "enable_admin_commands on", "t.conf:1: enable_admin_commands: not yet supported" },
+                { "enable_admin_commands on", "t.conf:1: enable_admin_commands: not supported: the XPROXY_* admin commands are replaced by imapproxyctl" },
         };
 
         for (size_t i = 0; i < sizeof(t) / sizeof(t[0]); i++) {
@@ -934,7 +937,7 @@ Test(config, dump_lists_every_key) {
                 "tls_ca_file", "tls_ca_path", "tls_cert_file", "tls_key_file", "tls_verify_server",
                 "tls_ciphers", "tls_no_tlsv1", "tls_no_tlsv1.1", "tls_no_tlsv1.2",
                 "auth_sasl_plain_username", "auth_sasl_plain_password", "auth_shared_secret", "dns_rr",
-                "ipversion_only", "broker_socket", "broker_socket_group", "backend_timeout",
+                "ipversion_only", "broker_socket", "broker_socket_group", "admin_group", "backend_timeout",
                 "client_prelogin_timeout", "client_idle_timeout", "backend_response_timeout", "backend_link_timeout",
                 "max_prelogin_line",
                 "max_command_line", "max_literal_size", "login_max_failures", "login_failure_delay",
