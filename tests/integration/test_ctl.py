@@ -253,6 +253,32 @@ class Ctl(CtlBase):
         traced = [c for c in json.loads(self.ctl('list', '--json').stdout) if c['traced']]
         self.assertEqual(traced, [], 'a trace that ended leaves no traced lease behind')
 
+    def test_l_slow_trace_reader_never_blocks_the_broker(self):
+        # an admin that asks for a trace and then never reads
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.settimeout(5)
+        s.connect(self.px.broker_socket)
+        s.send(ipc_msg(T_HELLO, struct.pack('<II', IPC_VERSION, ROLE_ADMIN)))
+        s.recv(65536)
+        s.send(ipc_msg(T_ADMIN, struct.pack('<II', 4, 0) + b'alice'.ljust(256, b'\0')))
+        s.recv(65536)  # admin-done: tracing
+        try:
+            c = RawClient(self.px.port, timeout=20)
+            _, ok = c.command('L', 'LOGIN alice %s' % ALICE_PW)
+            self.assertIn(b'OK', ok)
+            n = 1500  # 3000 trace lines: far more than the socket and the queue of 256 hold
+            c.send(''.join('n%d NOOP\r\n' % i for i in range(n)))
+            c.read_tagged('n%d' % (n - 1), timeout=30)
+            t0 = time.monotonic()
+            st = self.stats()  # the broker still answers, at once
+            self.assertLess(time.monotonic() - t0, 5)
+            self.assertGreater(st['trace_dropped'], 0, 'no trace line was dropped: %r' % st)
+            c.command('Z', 'LOGOUT')
+            c.close()
+        finally:
+            s.close()
+        self.assertFalse(self.once('bob', BOB_PW))
+
     # -- who may use it
 
     def test_h_nobody_cannot_connect(self):
