@@ -144,6 +144,8 @@ static void job_finish(BackendJob *j, int error, IpcFailStatus status, const cha
         if (error == 0 && !j->probe) {
                 int fd = j->fd;
                 uint64_t profile = 0;
+                char backend[IPC_BACKEND_MAX];
+                conn_describe_backend(j->fd, backend, sizeof(backend)); /* the TCP end, before any relay */
                 if (j->tls) {
                         /* The TLS stream stays here; the pool gets our socketpair end. */
                         j->io = sd_event_source_disable_unref(j->io);
@@ -159,6 +161,7 @@ static void job_finish(BackendJob *j, int error, IpcFailStatus status, const cha
                         c = conn_new_lent(b, fd, j->user, j->authzid, j->verifier, caps, profile);
                 caps_unref(caps);
                 if (c) {
+                        snprintf(c->backend, sizeof(c->backend), "%.70s%s", backend, profile ? " tls" : "");
                         j->fd = -EBADF; /* now owned by the Conn */
                         b->stats.backend_logins++;
                 } else {

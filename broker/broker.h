@@ -169,6 +169,7 @@ void pool_config_changed(Broker *b);
 unsigned pool_flush(Broker *b, const char *user);
 void compute_verifier(const Broker *b, const char *user, const char *authzid, const char *password,
                       uint8_t ret[VERIFIER_SIZE]);
+void conn_describe_backend(int fd, char *out, size_t size);
 Conn *conn_new_lent(Broker *b, int fd, const char *user, const char *authzid, const uint8_t verifier[VERIFIER_SIZE],
                     Caps *caps, uint64_t tls_profile);
 

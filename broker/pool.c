@@ -318,7 +318,7 @@ static uint64_t socket_cookie(int fd) {
 }
 
 /* "address:port" of the server end, for imapproxyctl list. */
-static void conn_describe_backend(int fd, char *out, size_t size) {
+void conn_describe_backend(int fd, char *out, size_t size) {
         struct sockaddr_storage ss;
         socklen_t l = sizeof(ss);
         char host[INET6_ADDRSTRLEN] = "?";
