@@ -139,7 +139,7 @@ class FakeSession:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock.settimeout(15)
         self.sock.connect(path)
-        self.send('IPC_HELLO', struct.pack('=II', self.version, 0))
+        self.send('IPC_HELLO', struct.pack('=II', self.version, 1))  # role: IPC_ROLE_SESSION
         t, _, _ = self.recv()
         assert t == self.type['IPC_HELLO_REPLY'], t
 
