@@ -1046,9 +1046,15 @@ static sd_event_source *probe_timer;
 static BackendJob *probe_job;
 static unsigned probe_failures;
 
+bool backend_probe_first_pending(const Broker *b) {
+        return !b->prelogin_caps_known && probe_failures == 0 && !b->stopping;
+}
+
 static void probe_done(void *userdata, int error, Conn *c, IpcFailStatus status, const char *text) {
         Broker *b = userdata;
         probe_job = NULL;
+        if (probe_failures == 0)
+                peer_hello_release(b); /* success or not: the held hellos wait no longer */
         if (b->prelogin_caps_known) {
                 char clean[256];
                 log_info("backend %s:%s capabilities: %s", b->cfg.server_hostname, b->cfg.server_port,

@@ -79,6 +79,7 @@ typedef enum PeerState {
         PEER_PENDING,
         PEER_LEASED,
         PEER_ADMIN,
+        PEER_HELLO_WAIT, /* session hello held until the start-up probe has the capabilities */
         _PEER_STATE_MAX,
 } PeerState;
 
@@ -138,6 +139,7 @@ struct Broker {
         Caps *caps_cache;                /* last interned post-login caps */
         char prelogin_caps[IPC_CAPS_MAX];
         bool prelogin_caps_known;
+        sd_event_source *hello_wait_timer; /* bounds PEER_HELLO_WAIT */
         unsigned rr_counter;
         int resolve_pipe[2];
         sd_event_source *resolve_source;
@@ -180,6 +182,8 @@ int backend_job_start(Broker *b, const struct ipc_checkout *req, const uint8_t v
 bool proxy_auth_enabled(const Broker *b);
 void backend_job_cancel(BackendJob *j);
 int backend_init(Broker *b);
+/* The start-up probe has not finished a first attempt yet. */
+bool backend_probe_first_pending(const Broker *b);
 void backend_done(Broker *b);
 
 /* resolve.c */
@@ -204,6 +208,8 @@ void tls_done(Broker *b);
 /* peer.c */
 int peer_listen(Broker *b);
 void peer_close_all(Broker *b);
+/* The start-up probe finished (or gave up): answer the held session hellos. */
+void peer_hello_release(Broker *b);
 
 /* admin.c */
 int admin_init(Broker *b);

@@ -38,8 +38,12 @@
 
 static const char *const peer_state_names[_PEER_STATE_MAX] = {
         [PEER_NEW] = "new", [PEER_READY] = "ready", [PEER_PENDING] = "pending", [PEER_LEASED] = "leased",
-        [PEER_ADMIN] = "admin",
+        [PEER_ADMIN] = "admin", [PEER_HELLO_WAIT] = "hello-wait",
 };
+
+/* How long a session's hello may wait for the broker's first look at the
+ * backend (well inside the session's own 5 s hello timeout). */
+#define HELLO_WAIT_MAX_USEC (2000 * 1000ULL)
 static_assert(ELEMENTSOF(peer_state_names) == _PEER_STATE_MAX, "peer state names");
 
 static void peer_enter_state(Peer *p, PeerState s) {
@@ -214,11 +218,41 @@ static int peer_on_checkout(Peer *p, struct ipc_checkout *m) {
         return 0;
 }
 
+static int peer_hello_reply(Peer *p) {
+        Broker *b = p->broker;
+        struct ipc_hello_reply rep = { .version = IPC_PROTO_VERSION };
+
+        if (b->prelogin_caps_known) {
+                rep.flags |= IPC_HELLO_F_BACKEND_KNOWN;
+                snprintf(rep.caps, sizeof(rep.caps), "%s", b->prelogin_caps);
+        }
+        peer_enter_state(p, PEER_READY);
+        return ipc_send(p->fd, IPC_HELLO_REPLY, &rep, sizeof(rep), -EBADF);
+}
+
+void peer_hello_release(Broker *b) {
+        b->hello_wait_timer = sd_event_source_disable_unref(b->hello_wait_timer);
+        for (Peer *p = b->peers, *next; p; p = next) {
+                next = p->next;
+                if (p->state == PEER_HELLO_WAIT && peer_hello_reply(p) < 0)
+                        peer_free(p);
+        }
+}
+
+static int hello_wait_on_timer(sd_event_source *s, uint64_t usec, void *userdata) {
+        Broker *b = userdata;
+        log_info("backend %s not probed after %llu ms: greeting sessions with a minimal capability list",
+                 b->backend_name, (unsigned long long) (HELLO_WAIT_MAX_USEC / 1000));
+        peer_hello_release(b);
+        return 0;
+}
+
 static int peer_dispatch(Peer *p, IpcMessage *m) {
         Broker *b = p->broker;
 
         switch (m->type) {
         case IPC_HELLO: {
+                int r;
                 if (p->state != PEER_NEW)
                         return -EPROTO;
                 if (m->u.hello.version != IPC_PROTO_VERSION) {
@@ -234,14 +268,21 @@ static int peer_dispatch(Peer *p, IpcMessage *m) {
                 }
                 b->n_peers++;
                 stats_note_clients(&b->stats, b->n_peers);
-                struct ipc_hello_reply rep = { .version = IPC_PROTO_VERSION };
-                if (b->prelogin_caps_known) {
-                        rep.flags |= IPC_HELLO_F_BACKEND_KNOWN;
-                        snprintf(rep.caps, sizeof(rep.caps), "%s", b->prelogin_caps);
-                }
                 b->stats.clients_total++;
-                peer_enter_state(p, PEER_READY);
-                return ipc_send(p->fd, IPC_HELLO_REPLY, &rep, sizeof(rep), -EBADF);
+                if (backend_probe_first_pending(b)) {
+                        /* Just started (typically by this very session's
+                         * socket activation): the greeting should show the
+                         * backend's capabilities, not a minimal list. */
+                        if (!b->hello_wait_timer) {
+                                r = sd_event_add_time_relative(b->event, &b->hello_wait_timer, CLOCK_MONOTONIC,
+                                                               HELLO_WAIT_MAX_USEC, 0, hello_wait_on_timer, b);
+                                if (r < 0)
+                                        return peer_hello_reply(p);
+                        }
+                        peer_enter_state(p, PEER_HELLO_WAIT);
+                        return 0;
+                }
+                return peer_hello_reply(p);
         }
         case IPC_CHECKOUT:
                 if (p->state != PEER_READY)
@@ -446,6 +487,7 @@ void peer_close_all(Broker *b) {
         if (b->listen_fd >= 0 && !b->listen_fd_inherited)
                 (void) unlink(b->cfg.broker_socket);
         b->listen_fd = safe_close(b->listen_fd);
+        b->hello_wait_timer = sd_event_source_disable_unref(b->hello_wait_timer);
         while (b->peers)
                 peer_free(b->peers);
 }

@@ -1019,3 +1019,32 @@ class BadBackend(FaultTest):
 
 if __name__ == '__main__':
     unittest.main()
+
+
+class SlowFirstProbe(FaultTest):
+    """A session that arrives while the broker is still taking its first look at the
+    backend (the usual case under socket activation: the first client starts the
+    broker) is greeted with the backend's capabilities, not a minimal list."""
+
+    def test_g1_first_greeting_waits_for_the_probe(self):
+        self.start_dovecot()
+        dport = self.dc.port
+        fwd = lambda c: c.forward(dport)  # noqa: E731
+
+        def slow_greeting(c):
+            time.sleep(0.8)
+            c.forward(dport)
+        fake = FakeBackend(fwd)
+        fake.push(slow_greeting)
+        try:
+            self.start_proxy(backend=None, server_port=fake.port)
+            t0 = time.monotonic()
+            r = self.rawc(timeout=10)
+            dt = time.monotonic() - t0
+            self.assertRegex(r.greeting, rb'^\* OK \[CAPABILITY [^]]*\bIDLE\b',
+                             'first greeting without the backend\'s capabilities: %r' % r.greeting)
+            self.assertGreater(dt, 0.3, 'the probe was not under way when the session connected')
+            self.assertLess(dt, 4.0, 'greeting took %.1fs' % dt)
+            self.assertLoginOK(r, 'alice')
+        finally:
+            fake.stop()
