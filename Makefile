@@ -193,7 +193,7 @@ install: all install-catalog
 	install -d $(DESTDIR)$(sysconfdir)/imapproxy.conf.d
 	install -d $(DESTDIR)$(unitdir)
 	install -d $(DESTDIR)$(docdir)
-	for u in units/*.service units/*.socket; do \
+	for u in units/*.service units/*.socket units/*.timer; do \
 		[ -e "$$u" ] || continue; \
 		sed -e 's|@sbindir@|$(sbindir)|g' -e 's|@libexecdir@|$(libexecdir)|g' \
 		    -e 's|@sysconfdir@|$(sysconfdir)|g' "$$u" > $(DESTDIR)$(unitdir)/$${u##*/}; \

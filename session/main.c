@@ -50,6 +50,7 @@ static bool arg_starttls_handoff;  /* internal: exec'd after STARTTLS's tagged O
 static int arg_client_fd_in = -1;  /* internal: the client socket(s) of that exec */
 static int arg_client_fd_out = -1;
 static unsigned arg_login_failures; /* internal: failed logins before STARTTLS */
+static const char *arg_write_ticket_key; /* imapproxy-session-tls: make a new ticket master key */
 
 #define TLS_PROGRAM "imapproxy-session-tls"
 
@@ -126,6 +127,7 @@ static int parse_argv(int argc, char **argv) {
                 { "starttls-handoff", no_argument, NULL, 'H' },
                 { "client-fd", required_argument, NULL, 'C' },
                 { "login-failures", required_argument, NULL, 'L' },
+                { "write-ticket-key", required_argument, NULL, 'W' },
                 { "help", no_argument, NULL, 'h' },
                 {},
         };
@@ -175,11 +177,15 @@ static int parse_argv(int argc, char **argv) {
                         arg_login_failures = (unsigned) v;
                         break;
                 }
+                case 'W':
+                        arg_write_ticket_key = optarg;
+                        break;
                 case 'h':
                         printf("Usage: %s [-f CONFIG] [-s BROKER_SOCKET] [--implicit-tls] [--fork-server [--reexec-after N]]\n"
                                "Serves one IMAP client on fd 0/1 (inetd) or LISTEN_FDS fd 3; with --fork-server,\n"
                                "accepts on the listening socket fd 3 and forks one process per client.\n"
-                               "--implicit-tls: TLS from the first byte (port 993), by " TLS_PROGRAM ".\n",
+                               "--implicit-tls: TLS from the first byte (port 993), by " TLS_PROGRAM ".\n"
+                               "--write-ticket-key FILE (" TLS_PROGRAM "): a new TLS session-ticket master key.\n",
                                program_invocation_short_name);
                         exit(EXIT_SUCCESS);
                 default:
@@ -355,6 +361,15 @@ int main(int argc, char **argv) {
         (void) signal(SIGPIPE, SIG_IGN);
         if (parse_argv(argc, argv) < 0)
                 return 2;
+#ifdef SESSION_TLS
+        if (arg_write_ticket_key)
+                return tls_write_ticket_key(arg_write_ticket_key) < 0 ? 1 : 0;
+#else
+        if (arg_write_ticket_key) {
+                log_error("--write-ticket-key: use " TLS_PROGRAM);
+                return 2;
+        }
+#endif
 #ifndef SESSION_TLS
         if (arg_implicit_tls || arg_starttls_handoff) {
                 /* Same pid, same fds, same environment (LISTEN_PID stays right). */

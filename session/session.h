@@ -130,6 +130,7 @@ ssize_t tls_send(Session *s, const void *buf, size_t len);
 int tls_write_all(Session *s, const void *buf, size_t len, int timeout_ms);
 bool tls_pending(const Session *s);
 void tls_end(Session *s);
+int tls_write_ticket_key(const char *path);
 #endif
 
 /* Client I/O. In imapproxy-session these are the plain system calls (the

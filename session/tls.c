@@ -9,6 +9,7 @@
  *	int tls_write_all(Session *s, const void *buf, size_t len, int timeout_ms);
  *	bool tls_pending(const Session *s);
  *	void tls_end(Session *s);
+ *	int tls_write_ticket_key(const char *path);
  * DESCRIPTION
  *	Built into imapproxy-session-tls only (-DSESSION_TLS); the plaintext
  *	imapproxy-session never links GnuTLS and execs this program when a
@@ -34,6 +35,11 @@
  *	at the cost of one full handshake per client. Without the key, or if
  *	it cannot be read, a random key per process is used: resumption then
  *	only works within one fork server.
+ *
+ *	tls_write_ticket_key() makes a new master key (imapproxy-session-tls
+ *	--write-ticket-key FILE, run daily by imapproxy-tls-ticket-key.timer):
+ *	PATH.new, mode 0600, synced, then renamed over PATH, so that a session
+ *	reads the old key or the new one, never half of one.
  *
  *	I/O is non-blocking: tls_recv()/tls_send() return -EAGAIN when GnuTLS
  *	would block (tls_send() must then be called again with the same
@@ -275,4 +281,40 @@ void tls_end(Session *s) {
         (void) gnutls_bye(s->tls, GNUTLS_SHUT_WR);
         gnutls_deinit(s->tls);
         s->tls = NULL;
+}
+
+int tls_write_ticket_key(const char *path) {
+        gnutls_datum_t k = { NULL, 0 };
+        char tmp[4096];
+        int r, fd;
+
+        if (snprintf(tmp, sizeof(tmp), "%s.new", path) >= (int) sizeof(tmp))
+                return -ENAMETOOLONG;
+        r = gnutls_session_ticket_key_generate(&k);
+        if (r < 0)
+                return log_error_errno(-EIO, "gnutls_session_ticket_key_generate: %s", gnutls_strerror(r));
+        if (k.size != TICKET_KEY_SIZE) {
+                r = log_error_errno(-EINVAL, "unexpected ticket key size %u", k.size);
+                goto out;
+        }
+        fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOCTTY | O_NOFOLLOW, 0600);
+        if (fd < 0) {
+                r = log_error_errno(-errno, "%s: %m", tmp);
+                goto out;
+        }
+        r = fd_write_all(fd, k.data, k.size, -1);
+        if (r >= 0 && fsync(fd) < 0)
+                r = -errno;
+        if (close(fd) < 0 && r >= 0)
+                r = -errno;
+        if (r >= 0 && rename(tmp, path) < 0)
+                r = -errno;
+        if (r < 0) {
+                log_error_errno(r, "writing %s: %m", path);
+                (void) unlink(tmp);
+        }
+out:
+        explicit_bzero(k.data, k.size);
+        gnutls_free(k.data);
+        return r;
 }

@@ -90,8 +90,17 @@ class TlsClientTest(unittest.TestCase):
         os.chmod(cls.pki, 0o755)
         cls.ca, cls.cert, cls.key = make_pki(cls.pki)
         cls.ticket_key = os.path.join(cls.pki, 'ticket.key')
-        with open(cls.ticket_key, 'wb') as f:
-            f.write(os.urandom(64))
+        cls.write_ticket_key()
+
+    @classmethod
+    def write_ticket_key(cls):
+        """imapproxy-session-tls --write-ticket-key, as the shipped timer runs it."""
+        subprocess.run([SESSION_TLS, '--write-ticket-key', cls.ticket_key], check=True, timeout=30)
+        st = os.stat(cls.ticket_key)
+        assert st.st_size == 64 and (st.st_mode & 0o777) == 0o600, (st.st_size, oct(st.st_mode))
+        assert not os.path.exists(cls.ticket_key + '.new')
+        with open(cls.ticket_key, 'rb') as f:
+            return f.read()
 
     @classmethod
     def tearDownClass(cls):
@@ -368,7 +377,7 @@ class TlsClientTest(unittest.TestCase):
         self.assertRegex(data, rb'(?m)^f OK')
         self.assertEqual(self.dc.logins(), 0, 'the injected LOGIN reached Dovecot')
 
-    def resume_pair(self, port, ctx, starttls=False):
+    def resume_pair(self, port, ctx, starttls=False, between=None):
         """Two connections, each served by a new session process; returns
         (first reused, second reused). The second offers the first's session."""
         def connect(session=None):
@@ -397,13 +406,17 @@ class TlsClientTest(unittest.TestCase):
             tls.close()
             return out
         sess, r1 = connect()
+        if between:
+            between()
         _, r2 = connect(sess)
         return r1, r2
 
     def test_t7_resumption_across_processes(self):
-        """TLS resumption between two session processes (listen_tls_ticket_key_file):
-        implicit TLS 1.3 and 1.2, and STARTTLS; control: without the key file each
-        process has its own ticket key and nothing resumes."""
+        """TLS resumption between two session processes (listen_tls_ticket_key_file,
+        written by imapproxy-session-tls --write-ticket-key): implicit TLS 1.3 and
+        1.2, and STARTTLS; a new master key (rotation) refuses older tickets;
+        control: without the key file each process has its own ticket key and
+        nothing resumes."""
         self.proxy(**self.tls_conf())
         p_tls, proc = self.implicit_listener()
         self.assertEqual(self.resume_pair(p_tls, self.ctx()), (False, True), 'TLS 1.3 implicit')
@@ -414,6 +427,11 @@ class TlsClientTest(unittest.TestCase):
         pids = wait_until(lambda: len(self.spawned_pids(proc.log())) >= 4 and self.spawned_pids(proc.log()),
                           5.0, what='4 spawned sessions')
         self.assertEqual(len(set(pids)), len(pids), 'each connection had its own session process')
+        # Rotation: a ticket issued under the old master key is not accepted.
+        k1 = open(self.ticket_key, 'rb').read()
+        self.assertEqual(self.resume_pair(p_tls, self.ctx(), between=lambda: self.assertNotEqual(
+            self.write_ticket_key(), k1)), (False, False), 'a ticket from before the rotation was accepted')
+        self.assertEqual(self.resume_pair(p_tls, self.ctx()), (False, True), 'resumption after the rotation')
         # Control: no shared key -> no resumption across processes.
         self.px.settings.pop('listen_tls_ticket_key_file')
         self.px.write_conf()
