@@ -1,7 +1,9 @@
 # imapproxy -- GNU make, no autotools.
 #
 #   make                 build broker/imapproxy-broker, session/imapproxy-session, ctl/imapproxyctl
-#   make check           install test dependencies (as root), run every test
+#   make check           install test dependencies (as root), run every test, then
+#                        the unit, fuzz-replay and integration tests again built
+#                        with ASan+UBSan in build/san/ (CHECK_SAN=0: skip that)
 #   make check-nspawn    only the test under real systemd in systemd-nspawn (root)
 #   make install DESTDIR=... prefix=... unitdir=...
 #   make SAN=1 ...       build with AddressSanitizer + UBSan (the session then uses glibc)
@@ -147,34 +149,68 @@ tests/unit/test-%: tests/unit/test-%.c common/libcommon.a
 
 # Fuzz targets replayed over their corpus by a plain main() in make check.
 tests/fuzz/replay-%: tests/fuzz/fuzz-%.c tests/fuzz/replay-main.c common/libcommon.a
-	$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< tests/fuzz/replay-main.c common/libcommon.a
+	$(CC) $(CPPFLAGS) $(FUZZ_CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(filter %.o,$^) tests/fuzz/replay-main.c common/libcommon.a
+
+# fuzz-prelogin drives session/prelogin.c with its own client_write() and
+# broker_checkout() (main.c and broker.c are not linked).
+PRELOGIN_FUZZ_SRC := session/prelogin.c session/sasl.c session/caps.c
+tests/fuzz/replay-prelogin: $(PRELOGIN_FUZZ_SRC:.c=.o)
+tests/fuzz/replay-prelogin tests/fuzz/libfuzzer-prelogin: FUZZ_CPPFLAGS = -Isession
+tests/fuzz/libfuzzer-prelogin: $(PRELOGIN_FUZZ_SRC)
+tests/fuzz/libfuzzer-prelogin: FUZZ_SRC_EXTRA = $(PRELOGIN_FUZZ_SRC)
 
 FUZZ_CC      ?= clang
 FUZZ_FLAGS   := -g -O1 -fsanitize=fuzzer,address,undefined -std=gnu17 -D_GNU_SOURCE -Icommon
 FUZZ_SECONDS ?= 60
 tests/fuzz/libfuzzer-%: tests/fuzz/fuzz-%.c $(COMMON_SRC)
-	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $< $(COMMON_SRC) $(FUZZ_LIBS)
+	$(FUZZ_CC) $(FUZZ_FLAGS) $(FUZZ_CPPFLAGS) -o $@ $< $(FUZZ_SRC_EXTRA) $(COMMON_SRC) $(FUZZ_LIBS)
 
 # fuzz-base64 also checks common/base64.c against GnuTLS's decoder.
 tests/fuzz/libfuzzer-base64: FUZZ_FLAGS += -DFUZZ_WITH_GNUTLS $(shell $(PKG_CONFIG) --cflags gnutls)
 tests/fuzz/libfuzzer-base64: FUZZ_LIBS = $(shell $(PKG_CONFIG) --libs gnutls)
 
-fuzz: $(FUZZ_BIN)
-	@for f in $(FUZZ_BIN); do \
-		n=$${f##*/libfuzzer-}; mkdir -p tests/fuzz/corpus/$$n; \
-		echo "== $$n ($(FUZZ_SECONDS)s)"; \
-		./$$f -max_total_time=$(FUZZ_SECONDS) -dict=tests/fuzz/$$n.dict tests/fuzz/corpus/$$n 2>&1 | tail -n 3; \
+# make fuzz FUZZ_RUNS=10000000 runs each target for that many executions
+# instead of FUZZ_SECONDS; FUZZ_TARGETS="prelogin ipc" picks targets. New
+# corpus entries land in tests/fuzz/corpus/NAME/ (review before committing).
+FUZZ_TARGETS ?= $(patsubst tests/fuzz/libfuzzer-%,%,$(FUZZ_BIN))
+FUZZ_LIMIT    = $(if $(FUZZ_RUNS),-runs=$(FUZZ_RUNS),-max_total_time=$(FUZZ_SECONDS))
+fuzz: $(patsubst %,tests/fuzz/libfuzzer-%,$(FUZZ_TARGETS))
+	@for n in $(FUZZ_TARGETS); do \
+		mkdir -p tests/fuzz/corpus/$$n; \
+		echo "== $$n ($(FUZZ_LIMIT))"; \
+		./tests/fuzz/libfuzzer-$$n $(FUZZ_LIMIT) -print_final_stats=1 -dict=tests/fuzz/$$n.dict \
+			tests/fuzz/corpus/$$n 2>&1 | grep -E '^(#[0-9]+.*DONE|stat::|Done|==[0-9]+==ERROR)|SUMMARY' ; \
 	done
 
 # $(BENCH_BIN): tests/run-all ends with bench/run --smoke (issue 3).
 tests-build: $(BINARIES) $(UNIT_TESTS) $(FUZZ_REPLAY) $(BENCH_BIN)
+
+# make check's sanitizer pass (see san-tests-build below).
+SAN_TREE  := build/san
+CHECK_SAN ?= 1
+CHECK_SAN_TREE := $(if $(filter 1,$(CHECK_SAN)),$(if $(filter 1,$(SAN)),0,1),0)
 
 # Installs missing Debian packages first (a fresh machine cannot even build
 # the tests without libsystemd-dev and Criterion), then builds, then runs.
 check:
 	./scripts/install-deps
 	$(MAKE) tests-build
+ifeq ($(CHECK_SAN_TREE),1)
+	$(MAKE) san-tests-build
+	SAN_TREE=$(SAN_TREE) ./tests/run-all
+else
 	./tests/run-all
+endif
+
+# The sanitizer pass of make check: the same unit tests, fuzz-corpus replays
+# and integration tests, built with SAN=1 in a copy of the sources under
+# build/san/ (scripts/sync-tree), whose objects never mix with the normal
+# build's in-tree objects. tests/run-all runs build/san/tests/run-all when
+# SAN_TREE is set. Not when this tree is itself a sanitizer build (SAN=1) or
+# with CHECK_SAN=0.
+san-tests-build:
+	./scripts/sync-tree $(SAN_TREE)
+	$(MAKE) -C $(SAN_TREE) SAN=1 $(BINARIES) $(UNIT_TESTS) $(FUZZ_REPLAY)
 
 # Real systemd as PID 1 in systemd-nspawn: make install into a Debian 12
 # tree, the shipped units and sysusers file, two logins through
@@ -245,6 +281,6 @@ clean:
 	rm -rf build
 
 FORCE:
-.PHONY: all check check-nspawn tests-build install install-catalog clean fuzz FORCE
+.PHONY: all check check-nspawn tests-build san-tests-build install install-catalog clean fuzz FORCE
 .SECONDARY:
 -include $(wildcard */*.d tests/*/*.d $(MUSL_DIR)/*/*.d $(TLS_DIR)/*/*.d)

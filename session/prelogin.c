@@ -3,8 +3,14 @@
  *
  * SYNOPSIS
  *	int prelogin_run(Session *s);
+ *	int prelogin_init(Prelogin *p, Session *s);
+ *	int prelogin_feed(Prelogin *p, const uint8_t *buf, size_t len, size_t *ret_used);
+ *	void prelogin_done(Prelogin *p);
  * DESCRIPTION
- *	Reads client bytes with the pre-login timeout, scans them with the
+ *	Reads client bytes until the pre-login deadline (client_prelogin_timeout
+ *	from the start, however busy the client is: a slow-loris client is cut
+ *	off like a silent one) and hands them to prelogin_feed(), which scans
+ *	them with the
  *	client-mode IMAP scanner under the small pre-login limits, and answers
  *	CAPABILITY, NOOP, ID, LOGOUT, STARTTLS, LOGIN and AUTHENTICATE (PLAIN
  *	with or without SASL-IR, LOGIN) itself; any other command gets a
@@ -19,7 +25,10 @@
  *	answered no sooner than login_failure_delay after it was received,
  *	and login_max_failures of them end the connection. ID parameters are
  *	kept, re-serialised, for the broker to forward (forward_client_id).
- *	Every composed reply goes out in one write.
+ *	Every composed reply goes out in one write. prelogin_feed() does no
+ *	I/O of its own: replies go through client_write(), logins through
+ *	broker_checkout(), so tests/fuzz/fuzz-prelogin.c runs it with its own
+ *	versions of those two.
  * SECURITY
  *	The password exists in the scanner's capture buffer and on the stack
  *	only for the duration of the checkout; both are wiped. After a login on
@@ -42,24 +51,8 @@
 #include "session.h"
 
 #define READ_CHUNK 4096
-#define TAG_MAX 256
+#define TAG_MAX PRELOGIN_TAG_MAX
 #define REPLY_MAX (IPC_CAPS_MAX + IPC_TEXT_MAX + 2 * TAG_MAX + 256)
-
-typedef enum AuthStep {
-        AUTH_NONE,
-        AUTH_PLAIN_WAIT, /* "+ " sent, waiting for the PLAIN message */
-        AUTH_LOGIN_USER, /* "+ Username:" sent */
-        AUTH_LOGIN_PASS, /* "+ Password:" sent */
-} AuthStep;
-
-typedef struct Prelogin {
-        Session *s;
-        ImapScanner *sc;
-        AuthStep auth;
-        char auth_tag[TAG_MAX + 1];
-        char auth_user[IPC_USER_MAX];
-        uint64_t cmd_start_usec;
-} Prelogin;
 
 static int reply(Session *s, const char *fmt, ...) _printf_(2, 3);
 static int reply(Session *s, const char *fmt, ...) {
@@ -162,8 +155,10 @@ static int auth_plain(Prelogin *p, const char *tag, const char *b64, size_t len)
         int r;
 
         r = sasl_b64_decode(b64, len, msg, sizeof(msg), &n);
-        if (r < 0)
+        if (r < 0) {
+                explicit_bzero(msg, sizeof(msg)); /* a partial decode may hold part of a password */
                 return reply(p->s, "%s BAD Invalid base64 data in AUTHENTICATE response.\r\n", tag);
+        }
         r = sasl_plain_split(msg, n, authzid, authcid, password);
         explicit_bzero(msg, sizeof(msg));
         if (r < 0)
@@ -182,6 +177,7 @@ static int auth_login_step(Prelogin *p, const char *b64, size_t len) {
 
         r = sasl_b64_decode(b64, len, buf, sizeof(buf), &n);
         if (r < 0 || memchr(buf, '\0', n)) {
+                explicit_bzero(buf, sizeof(buf)); /* may hold part of a password */
                 p->auth = AUTH_NONE;
                 return reply(p->s, "%s BAD Invalid base64 data in AUTHENTICATE response.\r\n", p->auth_tag);
         }
@@ -364,15 +360,23 @@ static int handle_line(Prelogin *p, const ImapLine *l) {
         return reply(s, "%s BAD Please log in first.\r\n", tag);
 }
 
-static int error_reply(Session *s, ImapScanner *sc) {
-        const ImapLine *pl = imap_scanner_partial_line(sc);
-        const char *text = imap_scanner_error_text(sc);
+static int error_reply(Prelogin *p) {
+        Session *s = p->s;
+        const ImapLine *pl = imap_scanner_partial_line(p->sc);
+        const char *text = imap_scanner_error_text(p->sc);
+        if (p->auth != AUTH_NONE) {
+                /* The bad line was the answer to our "+": that AUTHENTICATE
+                 * is over (else the client's next command would be taken
+                 * for its next answer). */
+                p->auth = AUTH_NONE;
+                return reply(s, "%s BAD %s.\r\n", p->auth_tag, text);
+        }
         if (pl && pl->n_args > 0 && tag_valid(&pl->args[0]))
                 return reply(s, "%.*s BAD %s.\r\n", (int) pl->args[0].len, pl->args[0].str, text);
         return reply(s, "* BAD %s.\r\n", text);
 }
 
-int prelogin_run(Session *s) {
+int prelogin_init(Prelogin *p, Session *s) {
         ImapScanLimits lim = {
                 .max_line = s->cfg.max_prelogin_line,
                 .max_literal = IPC_PASSWORD_MAX,
@@ -384,20 +388,72 @@ int prelogin_run(Session *s) {
                 .capture_size = IPC_ID_MAX + IPC_PASSWORD_MAX + IPC_USER_MAX + 1024,
                 .max_args = 256,
         };
-        Prelogin pl = { .s = s };
-        ImapScanner *sc = NULL;
+
+        *p = (Prelogin) { .s = s };
+        return imap_scanner_new(IMAP_SCAN_CLIENT, &lim, &p->sc);
+}
+
+void prelogin_done(Prelogin *p) {
+        p->sc = imap_scanner_free(p->sc);
+        explicit_bzero(p->auth_user, sizeof(p->auth_user));
+}
+
+int prelogin_feed(Prelogin *p, const uint8_t *buf, size_t len, size_t *ret_used) {
+        Session *s = p->s;
+        ImapScanner *sc = p->sc;
+        size_t off = 0;
+        int r = 0;
+
+        while (off < len && r == 0) {
+                size_t used = 0;
+                int ev = imap_scanner_feed(sc, buf + off, len - off, &used);
+                off += used;
+                if (ev == -EMSGSIZE) {
+                        (void) error_reply(p);
+                        (void) reply(s, "* BYE Line too long.\r\n");
+                        r = -ECONNRESET;
+                } else if (ev == -EFBIG) {
+                        /* No "+": a synchronising client sends nothing more of
+                         * this command (a non-synchronising one sends bytes we
+                         * read as new commands: they get BAD). The scanner stops
+                         * before the header's end: drop the rest of the line. */
+                        r = error_reply(p);
+                        imap_scanner_skip_line(sc);
+                } else if (ev < 0) {
+                        r = error_reply(p);
+                        imap_scanner_skip_line(sc);
+                } else if (ev == IMAP_SCAN_LITERAL) {
+                        uint64_t size;
+                        unsigned flags;
+                        imap_scanner_literal(sc, &size, &flags);
+                        if (!(flags & IMAP_LITERAL_NONSYNC))
+                                r = reply(s, "+ Ready for literal data\r\n");
+                } else if (ev == IMAP_SCAN_LINE)
+                        r = handle_line(p, imap_scanner_line(sc));
+        }
+        *ret_used = off;
+        return r;
+}
+
+int prelogin_run(Session *s) {
+        Prelogin pl;
         uint8_t buf[READ_CHUNK];
         int r;
 
-        r = imap_scanner_new(IMAP_SCAN_CLIENT, &lim, &sc);
+        r = prelogin_init(&pl, s);
         if (r < 0)
                 return r;
-        pl.sc = sc;
 
+        /* One deadline for the whole dialogue, not per read: a client that
+         * trickles a byte now and then (slow-loris) is cut off as one that
+         * sends nothing. */
+        uint64_t deadline = now_usec() + (uint64_t) s->cfg.client_prelogin_timeout * 1000000ULL;
         for (;;) {
                 if (!client_pending(s)) {
                         struct pollfd p = { .fd = s->client_in, .events = POLLIN };
-                        r = poll(&p, 1, (int) s->cfg.client_prelogin_timeout * 1000);
+                        uint64_t now = now_usec();
+                        int timeout_ms = now >= deadline ? 0 : (int) ((deadline - now + 999) / 1000);
+                        r = timeout_ms > 0 ? poll(&p, 1, timeout_ms) : 0;
                         if (r < 0 && errno == EINTR)
                                 continue;
                         if (r == 0) {
@@ -415,34 +471,7 @@ int prelogin_run(Session *s) {
                 }
 
                 size_t off = 0;
-                r = 0;
-                while (off < (size_t) n && r == 0) {
-                        size_t used = 0;
-                        int ev = imap_scanner_feed(sc, buf + off, (size_t) n - off, &used);
-                        off += used;
-                        if (ev == -EMSGSIZE) {
-                                (void) error_reply(s, sc);
-                                (void) reply(s, "* BYE Line too long.\r\n");
-                                r = -ECONNRESET;
-                        } else if (ev == -EFBIG) {
-                                /* No "+": a synchronising client sends nothing more of
-                                 * this command (a non-synchronising one sends bytes we
-                                 * read as new commands: they get BAD). The scanner stops
-                                 * before the header's end: drop the rest of the line. */
-                                r = error_reply(s, sc);
-                                imap_scanner_skip_line(sc);
-                        } else if (ev < 0) {
-                                r = error_reply(s, sc);
-                                imap_scanner_skip_line(sc);
-                        } else if (ev == IMAP_SCAN_LITERAL) {
-                                uint64_t size;
-                                unsigned flags;
-                                imap_scanner_literal(sc, &size, &flags);
-                                if (!(flags & IMAP_LITERAL_NONSYNC))
-                                        r = reply(s, "+ Ready for literal data\r\n");
-                        } else if (ev == IMAP_SCAN_LINE)
-                                r = handle_line(&pl, imap_scanner_line(sc));
-                }
+                r = prelogin_feed(&pl, buf, (size_t) n, &off);
                 if (r == PRELOGIN_STARTTLS) {
                         /* Whatever the client sent after STARTTLS was sent in the
                          * clear and must never be read as a command (the STARTTLS
@@ -466,7 +495,7 @@ int prelogin_run(Session *s) {
                 if (r != 0)
                         break;
         }
-        imap_scanner_free(sc);
+        prelogin_done(&pl);
         if (r == -ECONNRESET)
                 return 0;
         return r;

@@ -94,8 +94,37 @@ int sasl_plain_split(const char *msg, size_t len, char *authzid, char *authcid, 
 
 /* prelogin.c: returns PRELOGIN_LOGGED_IN (backend_fd set), PRELOGIN_STARTTLS
  * (tagged OK sent, everything the client sent after STARTTLS dropped: the
- * caller starts TLS), 0 when the client logged out or went away, <0 on error. */
+ * caller starts TLS), 0 when the client logged out or went away, <0 on error.
+ * It is prelogin_feed() over what the client sends: a pure step (replies
+ * through client_write(), logins through broker_checkout()) that
+ * tests/fuzz/fuzz-prelogin.c drives with its own versions of those two.
+ * prelogin_feed() returns 0 (more; all of buf used), PRELOGIN_LOGGED_IN or
+ * PRELOGIN_STARTTLS (*ret_used bytes were the pre-login dialogue, the rest is
+ * not), -ECONNRESET (end the connection: LOGOUT, too many failures, line too
+ * long) or another -errno. */
 enum { PRELOGIN_LOGGED_IN = 1, PRELOGIN_STARTTLS = 2 };
+
+typedef enum AuthStep {
+        AUTH_NONE,
+        AUTH_PLAIN_WAIT, /* "+ " sent, waiting for the PLAIN message */
+        AUTH_LOGIN_USER, /* "+ Username:" sent */
+        AUTH_LOGIN_PASS, /* "+ Password:" sent */
+} AuthStep;
+
+#define PRELOGIN_TAG_MAX 256
+
+typedef struct Prelogin {
+        Session *s;
+        ImapScanner *sc;
+        AuthStep auth;
+        char auth_tag[PRELOGIN_TAG_MAX + 1];
+        char auth_user[IPC_USER_MAX];
+        uint64_t cmd_start_usec;
+} Prelogin;
+
+int prelogin_init(Prelogin *p, Session *s);
+int prelogin_feed(Prelogin *p, const uint8_t *buf, size_t len, size_t *ret_used);
+void prelogin_done(Prelogin *p);
 int prelogin_run(Session *s);
 
 /* relay.c: returns when the session is over. */
