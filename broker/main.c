@@ -158,8 +158,10 @@ int main(int argc, char **argv) {
                 help();
                 return 2;
         }
-        if (load_config(b) < 0)
+        if (load_config(b) < 0) {
+                config_done(&b->cfg); /* what the file set before its bad line */
                 return 1;
+        }
         if (arg_check_config) {
                 r = tls_init(b); /* the TLS files and priority string are part of the configuration */
                 tls_done(b);

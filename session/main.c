@@ -428,6 +428,7 @@ int main(int argc, char **argv) {
                 if (false)
 #endif
                         (void) client_write(s, bye, sizeof(bye) - 1);
+                config_done(&s->cfg); /* what the file set before its bad line (LeakSanitizer) */
                 return 1;
         }
         log_set_facility(s->cfg.syslog_facility);
@@ -436,8 +437,10 @@ int main(int argc, char **argv) {
         if (arg_broker_socket) {
                 free(s->cfg.broker_socket);
                 s->cfg.broker_socket = strdup(arg_broker_socket);
-                if (!s->cfg.broker_socket)
+                if (!s->cfg.broker_socket) {
+                        config_done(&s->cfg);
                         return 1;
+                }
         }
 
 #ifdef SESSION_TLS
