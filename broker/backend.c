@@ -29,8 +29,10 @@
  *	response code) to relay; on any other failure IPC_FAIL_UNAVAILABLE.
  *	The job is freed after the callback returns.
  * SECURITY
- *	The LOGIN command (it contains the password) lives in one heap buffer,
- *	wiped as soon as it is sent. Backend text is sanitised before logging.
+ *	The LOGIN command (it contains the password) lives in one buffer,
+ *	wiped as soon as it is sent; it and the job (which holds the password
+ *	until the command is built) are secret_alloc() pages, left out of core
+ *	dumps (MADV_DONTDUMP). Backend text is sanitised before logging.
  */
 #include <errno.h>
 #include <gnutls/gnutls.h>
@@ -45,6 +47,7 @@
 #include "capability.h"
 #include "fd-util.h"
 #include "log.h"
+#include "secret.h"
 #include "tls-policy.h"
 
 #define BACKEND_INBUF 16384 /* one TLS record */
@@ -125,15 +128,12 @@ static void job_free(BackendJob *j) {
                 gnutls_deinit(j->tls);
         j->fd = safe_close(j->fd);
         imap_scanner_free(j->scanner);
-        if (j->out) {
-                explicit_bzero(j->out, j->out_size);
-                free(j->out);
-        }
+        secret_free(j->out, j->out_size);
         explicit_bzero(j->password, sizeof(j->password));
         explicit_bzero(j->verifier, sizeof(j->verifier));
         free(j->client_id);
         j->broker->n_pending--;
-        free(j);
+        secret_free(j, sizeof(*j));
 }
 
 /* Finish: hand the result to the owner, then free. */
@@ -223,13 +223,12 @@ static int out_reserve(BackendJob *j, size_t more) {
         if (j->out_len + more <= j->out_size)
                 return 0;
         size_t n = MAX(j->out_size * 2, j->out_len + more + 256);
-        char *p = malloc(n);
+        char *p = secret_alloc(n); /* it will hold the password: out of core dumps */
         if (!p)
                 return -ENOMEM;
         if (j->out) {
                 memcpy(p, j->out, j->out_len);
-                explicit_bzero(j->out, j->out_size);
-                free(j->out);
+                secret_free(j->out, j->out_size);
         }
         j->out = p;
         j->out_size = n;
@@ -989,7 +988,7 @@ int backend_job_start(Broker *b, const struct ipc_checkout *req, const uint8_t v
         };
         int r;
 
-        BackendJob *j = calloc(1, sizeof(BackendJob));
+        BackendJob *j = secret_alloc(sizeof(BackendJob)); /* zeroed; holds the password */
         if (!j)
                 return -ENOMEM;
         j->broker = b;

@@ -134,6 +134,10 @@ struct Broker {
         unsigned n_peers;                /* sessions (and peers that have not said hello yet) */
         AdminPeer *admins;               /* imapproxyctl connections */
         unsigned n_tracers;              /* of them, tracing a user */
+        unsigned max_peers;              /* from RLIMIT_NOFILE, leaving fds for the pool */
+        int reserve_fd;                  /* spare fd: lets accept() refuse a peer at EMFILE */
+        sd_event_source *listen_retry;   /* re-enables the listener after EMFILE without spare */
+        uint64_t refusal_logged_usec;    /* last "refusing sessions" warning (rate limit) */
 
         /* backend */
         Caps *caps_cache;                /* last interned post-login caps */

@@ -147,7 +147,7 @@ static int load_config(Broker *b) {
 }
 
 int main(int argc, char **argv) {
-        Broker broker = { .listen_fd = -EBADF, .resolve_pipe = { -EBADF, -EBADF } };
+        Broker broker = { .listen_fd = -EBADF, .reserve_fd = -EBADF, .resolve_pipe = { -EBADF, -EBADF } };
         Broker *b = &broker;
         sd_event_source *status_timer = NULL, *watchdog_timer = NULL;
         sigset_t mask;

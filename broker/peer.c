@@ -13,6 +13,16 @@
  *	at a time per peer. A peer that sends anything out of order or
  *	malformed is dropped alone; a peer that goes away holding a lease
  *	takes the connection with it: the broker never reuses it.
+ * LIMITS
+ *	At start the soft RLIMIT_NOFILE is raised to the hard one. Peers are
+ *	capped at max_peers = that limit minus the pool's share (cache_size,
+ *	at most half) minus FD_RESERVE, so that sessions can never take the
+ *	fds that backend connections need. A peer beyond the cap, or one that
+ *	arrives when the process is out of fds anyway (EMFILE/ENFILE: the
+ *	spare reserve_fd is given up for the accept() and taken back), is
+ *	accepted and closed at once: its session answers LOGIN with NO
+ *	[UNAVAILABLE]. The listener never spins on a connection it cannot
+ *	accept: without the spare it is paused for LISTEN_RETRY_USEC.
  * SECURITY
  *	The pool key comes from compute_verifier() over the credentials the
  *	peer sent; the peer's checkin is accepted only for its own ticket and
@@ -22,9 +32,12 @@
 #include <gnutls/crypto.h>
 #include <gnutls/gnutls.h>
 #include <grp.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <fcntl.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -357,6 +370,51 @@ drop:
         return 0;
 }
 
+#define FD_RESERVE 64                   /* sd-event, logging, resolver, TLS, listeners */
+#define LISTEN_RETRY_USEC (250 * 1000ULL)
+#define REFUSAL_LOG_INTERVAL_USEC (10 * 1000000ULL)
+
+static void peer_refused(Broker *b, const char *why) {
+        uint64_t now = now_usec();
+        b->stats.peers_refused++;
+        if (b->refusal_logged_usec == 0 || now - b->refusal_logged_usec >= REFUSAL_LOG_INTERVAL_USEC) {
+                log_warning("refusing sessions: %s (%u sessions connected, %llu refused so far)", why, b->n_peers,
+                            (unsigned long long) b->stats.peers_refused);
+                b->refusal_logged_usec = now;
+        }
+}
+
+static int listen_on_retry(sd_event_source *s, uint64_t usec, void *userdata) {
+        Broker *b = userdata;
+        b->listen_retry = sd_event_source_disable_unref(b->listen_retry);
+        if (b->reserve_fd < 0)
+                b->reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+        (void) sd_event_source_set_enabled(b->listen_source, SD_EVENT_ON);
+        return 0;
+}
+
+/* accept() failed with EMFILE/ENFILE: take the waiting connection with the
+ * spare fd and close it, so that it does not wake us again at once. Without
+ * a spare, pause the listener. */
+static void listen_out_of_fds(Broker *b, int fd, int error) {
+        peer_refused(b, error == -ENFILE ? "system file table full (ENFILE)" : "out of file descriptors (EMFILE)");
+        if (b->reserve_fd >= 0) {
+                b->reserve_fd = safe_close(b->reserve_fd);
+                int cfd = accept4(fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+                if (cfd >= 0)
+                        safe_close(cfd);
+                b->reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+                if (b->reserve_fd >= 0)
+                        return;
+                b->reserve_fd = -EBADF;
+        }
+        (void) sd_event_source_set_enabled(b->listen_source, SD_EVENT_OFF);
+        if (!b->listen_retry &&
+            sd_event_add_time_relative(b->event, &b->listen_retry, CLOCK_MONOTONIC, LISTEN_RETRY_USEC, 0,
+                                       listen_on_retry, b) < 0)
+                (void) sd_event_source_set_enabled(b->listen_source, SD_EVENT_ON); /* better busy than deaf */
+}
+
 static bool peer_allowed(Broker *b, int fd, const struct ucred *cred) {
         if (cred->uid == 0 || cred->uid == geteuid())
                 return true;
@@ -373,8 +431,17 @@ static int listen_on_accept(sd_event_source *s, int fd, uint32_t revents, void *
                 if (cfd < 0) {
                         if (errno == EAGAIN || errno == EINTR || errno == ECONNABORTED)
                                 return 0;
+                        if (errno == EMFILE || errno == ENFILE) {
+                                listen_out_of_fds(b, fd, -errno);
+                                return 0;
+                        }
                         log_warning_errno(-errno, "accept on broker socket: %m");
                         return 0;
+                }
+                if (b->n_peers >= b->max_peers) {
+                        peer_refused(b, "max_peers reached (RLIMIT_NOFILE)");
+                        safe_close(cfd);
+                        continue;
                 }
                 struct ucred cred;
                 socklen_t l = sizeof(cred);
@@ -453,8 +520,35 @@ static int bind_broker_socket(Broker *b) {
         return 0;
 }
 
+/* Raise the soft fd limit to the hard one and derive max_peers. */
+static void peer_limits(Broker *b) {
+        struct rlimit rl;
+        if (getrlimit(RLIMIT_NOFILE, &rl) < 0)
+                rl = (struct rlimit) { .rlim_cur = 1024, .rlim_max = 1024 };
+        if (rl.rlim_cur < rl.rlim_max) {
+                rlim_t want = rl.rlim_max == RLIM_INFINITY ? 1u << 20 : rl.rlim_max;
+                struct rlimit nrl = { .rlim_cur = want, .rlim_max = rl.rlim_max };
+                if (setrlimit(RLIMIT_NOFILE, &nrl) == 0)
+                        rl.rlim_cur = want;
+        }
+        uint64_t nofile = rl.rlim_cur == RLIM_INFINITY ? 1u << 20 : (uint64_t) rl.rlim_cur;
+        uint64_t pool = MIN((uint64_t) b->cfg.cache_size, nofile / 2);
+        uint64_t peers = nofile > pool + FD_RESERVE + 16 ? nofile - pool - FD_RESERVE : 16;
+        b->max_peers = (unsigned) MIN(peers, (uint64_t) UINT_MAX);
+        if (pool < b->cfg.cache_size)
+                log_warning("RLIMIT_NOFILE %llu is too low for cache_size %u: backend connections will fail "
+                            "with EMFILE before the pool is full (raise LimitNOFILE=)",
+                            (unsigned long long) nofile, b->cfg.cache_size);
+        log_debug("RLIMIT_NOFILE %llu: up to %u sessions", (unsigned long long) nofile, b->max_peers);
+}
+
 int peer_listen(Broker *b) {
         int r, n;
+
+        peer_limits(b);
+        b->reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+        if (b->reserve_fd < 0)
+                b->reserve_fd = -EBADF;
 
         if (b->cfg.broker_socket_group) {
                 struct group *g = getgrnam(b->cfg.broker_socket_group);
@@ -483,6 +577,8 @@ int peer_listen(Broker *b) {
 }
 
 void peer_close_all(Broker *b) {
+        b->listen_retry = sd_event_source_disable_unref(b->listen_retry);
+        b->reserve_fd = safe_close(b->reserve_fd);
         b->listen_source = sd_event_source_disable_unref(b->listen_source);
         if (b->listen_fd >= 0 && !b->listen_fd_inherited)
                 (void) unlink(b->cfg.broker_socket);

@@ -24,6 +24,7 @@ typedef struct Stats {
         uint64_t dirty;               /* returned dirty or never returned: not reused */
         uint64_t flushed;             /* connections closed by imapproxyctl flush */
         uint64_t trace_dropped;       /* trace lines dropped: session or imapproxyctl too slow */
+        uint64_t peers_refused;       /* broker connections closed at once: max_peers or no fd left */
         unsigned peak_lent, peak_idle, peak_clients;
 } Stats;
 
