@@ -9,6 +9,7 @@
 #   make SAN=1 ...       build with AddressSanitizer + UBSan (the session then uses glibc)
 #   make MUSL=0          link the session against glibc (dynamic) even if musl-gcc is there
 #   make fuzz            libFuzzer targets (clang)
+#   make soak DURATION=N / make load   long soak, full-size load test (test_load.py)
 
 PKG_CONFIG ?= pkg-config
 CC         ?= cc
@@ -268,6 +269,17 @@ bench/hello: bench/hello.c
 bench/hello-musl: bench/hello.c
 	$(MUSL_CC) $(filter-out -fsanitize=% -fno-sanitize-recover=%,$(CPPFLAGS) $(CFLAGS) $(LDFLAGS)) \
 		-static $(if $(MUSL_RCRT1),$(MUSL_PIE_START)) -o $@ $< $(if $(MUSL_RCRT1),$(MUSL_PIE_END))
+
+# Longer runs of tests/integration/test_load.py than make check does:
+#   make soak DURATION=3600   logins, expiries and kicks for an hour; the
+#                             broker's VmRSS and fds must stay flat
+#   make load                 10000 pooled backend connections, 1000 clients at once
+DURATION ?= 600
+soak: tests-build
+	SOAK_SECONDS=$(DURATION) python3 -u tests/integration/run.py test_load.Soak
+load: tests-build
+	LOAD_POOLED=10000 LOAD_CLIENTS=1000 LOAD_HOLD=30 python3 -u tests/integration/run.py test_load.Load
+.PHONY: soak load
 
 bench:
 	./scripts/install-deps
