@@ -487,7 +487,10 @@ class TlsBackendTest(unittest.TestCase):
         time.sleep(1.5)  # not reading: everything backs up to Dovecot
         grown = self.broker_rss_kib() - rss0
         print('    [l] broker RSS growth while the client does not read: %d KiB' % grown)
-        self.assertLess(grown, 4096, 'the relay buffered what the client did not read')
+        # Under ASan (make check's sanitizer pass) freed memory stays resident in
+        # the allocator's quarantine, so RSS only bounds the buffering loosely.
+        bound = 131072 if os.environ.get('IMAPPROXY_SAN') == '1' else 4096
+        self.assertLess(grown, bound, 'the relay buffered what the client did not read')
         data = bytearray(r.buf)
         r.buf = b''
         r.sock.settimeout(20)
