@@ -873,7 +873,8 @@ int config_load(Config *c, const char *path, ConfigWarnFn warn, void *userdata, 
                 }
                 n++;
         }
-        qsort(names, n, sizeof(char *), cmp_names); /* the same prefix: byte order of the names */
+        if (n > 1) /* qsort(NULL, 0, ...) is undefined: UBSan flags it for an empty directory */
+                qsort(names, n, sizeof(char *), cmp_names); /* the same prefix: byte order of the names */
         for (size_t i = 0; i < n; i++) {
                 r = config_load_file(c, names[i], warn, userdata, err, errsize);
                 if (r == -ENOENT) /* vanished since readdir(): still an error, but say so clearly */
