@@ -94,9 +94,10 @@ int client_write(Session *s, const char *buf, size_t len) {
         return 0;
 }
 
-int broker_checkout(Session *s, const char *user, const char *authzid, const char *password,
+int broker_checkout(Session *s, const char *user, const char *authzid, const char *password, uint32_t flags,
                     struct ipc_checkout_fail *ret_fail) {
         CHECK(cur);
+        CHECK(flags == 0); /* IPC_CHECKOUT_F_FRESH is the relay's (a reused connection that died) */
         size_t ul = strlen(user), zl = strlen(authzid), pl = strlen(password);
         CHECK(ul > 0 && ul < IPC_USER_MAX);
         CHECK(zl < IPC_USER_MAX);
