@@ -154,7 +154,7 @@ tests/fuzz/replay-%: tests/fuzz/fuzz-%.c tests/fuzz/replay-main.c common/libcomm
 
 # fuzz-prelogin drives session/prelogin.c with its own client_write() and
 # broker_checkout() (main.c and broker.c are not linked).
-PRELOGIN_FUZZ_SRC := session/prelogin.c session/sasl.c session/caps.c
+PRELOGIN_FUZZ_SRC := session/prelogin.c session/sasl.c session/caps.c session/trace.c
 tests/fuzz/replay-prelogin: $(PRELOGIN_FUZZ_SRC:.c=.o)
 tests/fuzz/replay-prelogin tests/fuzz/libfuzzer-prelogin: FUZZ_CPPFLAGS = -Isession
 tests/fuzz/libfuzzer-prelogin: $(PRELOGIN_FUZZ_SRC)

@@ -5,7 +5,7 @@
  * DESCRIPTION
  *	The session's pre-login dialogue is prelogin_feed(): it talks to the
  *	client through client_write() and to the broker through
- *	broker_checkout(). This harness links prelogin.c, sasl.c and caps.c
+ *	broker_checkout(). This harness links prelogin.c, sasl.c, caps.c, trace.c
  *	with its own versions of those two (main.c and broker.c are not
  *	linked), so the production code runs unchanged.
  *
