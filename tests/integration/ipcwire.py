@@ -16,10 +16,20 @@ test_hostile's positive controls, which cannot pass if a layout is wrong).
 """
 
 import os
+import re
 import socket
 import struct
 
-PROTO_VERSION = 2
+def _proto_version():
+    """IPC_PROTO_VERSION from common/ipc-proto.h, so that a bump needs no edit here."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'common', 'ipc-proto.h')
+    with open(path) as f:
+        m = re.search(r'^#define IPC_PROTO_VERSION (\d+)', f.read(), re.M)
+    return int(m.group(1))
+
+
+PROTO_VERSION = _proto_version()
+ROLE_SESSION = 1  # IpcRole: hello's second word
 USER_MAX, PASSWORD_MAX, ADDR_MAX, CAPS_MAX, TEXT_MAX, ID_MAX = 256, 2048, 64, 2048, 1024, 4096
 
 HELLO, HELLO_REPLY, CHECKOUT, CHECKOUT_OK, CHECKOUT_FAIL, CHECKIN = range(1, 7)
@@ -109,7 +119,7 @@ class Wire:
             return False
 
     def hello(self, version=PROTO_VERSION):
-        self.send_raw(message(HELLO, HELLO_FMT.pack(version, 0)))
+        self.send_raw(message(HELLO, HELLO_FMT.pack(version, ROLE_SESSION)))
         mtype, payload, fd = self.recv()
         if fd is not None:
             os.close(fd)

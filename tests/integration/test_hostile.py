@@ -365,7 +365,7 @@ class Hostile(ProxyTest):
                    what='refusal in the broker log')
         # Positive control: the same code as root gets its hello-reply.
         out = subprocess.run([python, '-c', code], capture_output=True, timeout=30)
-        self.assertIn(b'hello (2,', out.stdout, (out.stdout, out.stderr))
+        self.assertIn(b'hello (%d,' % ipcwire.PROTO_VERSION, out.stdout, (out.stdout, out.stderr))
         self.assertServes()
 
     # (f) ---------------------------------------------------------------
@@ -378,7 +378,7 @@ class Hostile(ProxyTest):
         busy = self.login()  # alice, relaying throughout
         self.assertEqual(busy.select('INBOX')[0], 'OK')
 
-        hello = ipcwire.message(ipcwire.HELLO, ipcwire.HELLO_FMT.pack(ipcwire.PROTO_VERSION, 0))
+        hello = ipcwire.message(ipcwire.HELLO, ipcwire.HELLO_FMT.pack(ipcwire.PROTO_VERSION, ipcwire.ROLE_SESSION))
         checkout = ipcwire.message(ipcwire.CHECKOUT, ipcwire.checkout_payload('alice', 'pw'))
         bad = {
             'short header': (False, b'\x01\x00'),
@@ -386,9 +386,9 @@ class Hostile(ProxyTest):
             'unknown type': (False, ipcwire.message(99, b'')),
             'type 0': (False, ipcwire.message(0, b'')),
             'hello wrong length': (False, ipcwire.message(ipcwire.HELLO, b'\x02\x00\x00\x00')),
-            'hello wrong version': (False, ipcwire.message(ipcwire.HELLO, ipcwire.HELLO_FMT.pack(1, 0))),
-            'hello reserved set': (False, ipcwire.message(ipcwire.HELLO, ipcwire.HELLO_FMT.pack(2, 7))),
-            'hello with fd flag': (False, ipcwire.message(ipcwire.HELLO, ipcwire.HELLO_FMT.pack(2, 0),
+            'hello wrong version': (False, ipcwire.message(ipcwire.HELLO, ipcwire.HELLO_FMT.pack(1, 1))),
+            'hello unknown role': (False, ipcwire.message(ipcwire.HELLO, ipcwire.HELLO_FMT.pack(ipcwire.PROTO_VERSION, 7))),
+            'hello with fd flag': (False, ipcwire.message(ipcwire.HELLO, ipcwire.HELLO_FMT.pack(ipcwire.PROTO_VERSION, 1),
                                                           flags=ipcwire.HDR_F_FD)),
             'hello carrying an fd': ('fd', hello),
             'len beyond datagram': (False, ipcwire.HDR.pack(ipcwire.HELLO, 0, 1 << 31) + b'\0' * 8),
