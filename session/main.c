@@ -286,6 +286,8 @@ static int session_serve(Session *s) {
                 s->pending = NULL;
         }
 out:
+        free(s->trace); /* imapproxyctl trace state (one allocation, see trace.c) */
+        s->trace = NULL;
         s->broker_fd = safe_close(s->broker_fd);
 #ifdef SESSION_TLS
         tls_end(s);
