@@ -26,7 +26,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from imapfixture import (Dovecot, Proxy, RawClient, imap_login,  # noqa: E402
-                         FixtureError, wait_until)
+                         FixtureError, session_pid_for, wait_until)
 
 CERTTOOL = shutil.which('certtool')
 SERVER_NAME = 'imap.test.example'
@@ -444,9 +444,8 @@ class TlsBackendTest(unittest.TestCase):
         r = self.rawc()
         _, tagged = r.login('alice', 'pw', tag='K1')
         self.assertTrue(tagged.startswith(b'K1 OK'), tagged)
-        lp = self.px.listener.pid
-        pid = int(wait_until(lambda: open('/proc/%d/task/%d/children' % (lp, lp)).read().split(),
-                             what='the session process')[0])
+        # this client's own session: earlier ones may still be exiting (slowly under ASan)
+        pid = session_pid_for(self.px.listener, r.sock)
         before = self.dc.logouts('alice')
         os.kill(pid, signal.SIGKILL)
         self.dc.wait_logouts(before + 1, 'alice', timeout=5)
