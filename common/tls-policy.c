@@ -15,6 +15,9 @@
  *	connection where TLS was required and not established: the only
  *	TLS_STEP_LOGIN answers are "TLS is up" or "mode none and the server
  *	accepts plaintext logins".
+ *	A refused version also refuses the older ones: GnuTLS drops TLS 1.3
+ *	when TLS 1.2 is off but 1.1 is on (no holes), so a bare
+ *	"-VERS-TLS1.2" would leave exactly TLS 1.0 and 1.1.
  *	Pure: no I/O, no GnuTLS, owns nothing.
  */
 #include <errno.h>
@@ -45,6 +48,8 @@ TlsStep tls_policy_next(ServerTls mode, bool tls_active, const char *caps) {
 
 int tls_priority_build(const char *ciphers, bool no_tls10, bool no_tls11, bool no_tls12, char *out,
                        size_t outsize) {
+        no_tls11 = no_tls11 || no_tls12;
+        no_tls10 = no_tls10 || no_tls11;
         int n = snprintf(out, outsize, "%s%s%s%s", ciphers && *ciphers ? ciphers : "NORMAL",
                          no_tls10 ? ":-VERS-TLS1.0" : "", no_tls11 ? ":-VERS-TLS1.1" : "",
                          no_tls12 ? ":-VERS-TLS1.2" : "");

@@ -23,6 +23,8 @@ typedef enum TlsStep {
 TlsStep tls_policy_next(ServerTls mode, bool tls_active, const char *caps);
 
 /* GnuTLS priority string: tls_ciphers (or "NORMAL") with ":-VERS-TLS1.x"
- * appended for each up-imapproxy tls_no_tlsv1* key set. 0 or -ENOBUFS. */
+ * appended for each up-imapproxy tls_no_tlsv1* key set; refusing a version
+ * refuses the older ones too (tls_no_tlsv1.2 alone means TLS 1.3 only).
+ * 0 or -ENOBUFS. */
 int tls_priority_build(const char *ciphers, bool no_tls10, bool no_tls11, bool no_tls12, char *out,
                        size_t outsize);

@@ -52,6 +52,12 @@ Test(tls_policy, priority_strings) {
         cr_assert_eq(tls_priority_build("SECURE256", true, true, true, buf, sizeof(buf)), 0);
         cr_expect_str_eq(buf, "SECURE256:-VERS-TLS1.0:-VERS-TLS1.1:-VERS-TLS1.2");
         cr_assert_eq(tls_priority_build("NORMAL:-VERS-ALL:+VERS-TLS1.3", false, true, false, buf, sizeof(buf)), 0);
-        cr_expect_str_eq(buf, "NORMAL:-VERS-ALL:+VERS-TLS1.3:-VERS-TLS1.1");
+        cr_expect_str_eq(buf, "NORMAL:-VERS-ALL:+VERS-TLS1.3:-VERS-TLS1.0:-VERS-TLS1.1");
+        /* GnuTLS turns TLS 1.3 off when 1.2 is off and 1.1 on: tls_no_tlsv1.2 alone
+         * must not leave TLS 1.0/1.1 only */
+        cr_assert_eq(tls_priority_build(NULL, false, false, true, buf, sizeof(buf)), 0);
+        cr_expect_str_eq(buf, "NORMAL:-VERS-TLS1.0:-VERS-TLS1.1:-VERS-TLS1.2");
+        cr_assert_eq(tls_priority_build(NULL, false, true, false, buf, sizeof(buf)), 0);
+        cr_expect_str_eq(buf, "NORMAL:-VERS-TLS1.0:-VERS-TLS1.1");
         cr_expect_eq(tls_priority_build("NORMAL", true, true, true, buf, 20), -ENOBUFS);
 }
