@@ -212,6 +212,9 @@ class Dovecot:
     Dovecot trusts a client whose address equals its own, so to make it say
     LOGINDISABLED (ssl='required', or disable_plaintext_auth) listen on
     127.0.0.2 and connect from 127.0.0.1.
+    tls_client_ca=PATH (with tls) makes Dovecot ask for a client certificate
+    signed by that CA and refuse every login without a valid one
+    (ssl_verify_client_cert, auth_ssl_require_client_cert; no CRL needed).
     """
 
     LOGIN_RE = re.compile(r'imap-login: Info: Login: user=<([^>]*)>')
@@ -219,7 +222,7 @@ class Dovecot:
 
     def __init__(self, tmpdir, users=None, messages=5, port=None, auth_failure_delay=0,
                  extra_conf='', start=True, netns=None, tls=None, ssl='yes', imaps_port=None,
-                 address='127.0.0.1'):
+                 address='127.0.0.1', tls_client_ca=None):
         # netns: a NetNS to run in; Dovecot then listens on its inner address.
         self.netns = netns
         self.address = netns.inner if netns else address
@@ -236,6 +239,7 @@ class Dovecot:
         self.extra_conf = extra_conf
         self.tls = tls
         self.ssl = ssl if tls else 'no'
+        self.tls_client_ca = tls_client_ca if tls else None
         self.imaps_port = 0
         while tls and self.imaps_port in (0, self.port):  # two free_port() calls can agree
             self.imaps_port = imaps_port or free_port(address if not netns else '127.0.0.1')
@@ -358,6 +362,8 @@ service stats {{
            afd=self.auth_failure_delay, identity=identity, extra=self.extra_conf,
            imaps_port=self.imaps_port,
            ssl=('ssl = %s\nssl_cert = <%s\nssl_key = <%s' % (self.ssl, self.tls[0], self.tls[1])
+                + ('\nssl_ca = <%s\nssl_verify_client_cert = yes\nssl_require_crl = no\n'
+                   'auth_ssl_require_client_cert = yes' % self.tls_client_ca if self.tls_client_ca else '')
                 if self.tls else 'ssl = no'))
         with open(self.conf, 'w') as f:
             f.write(conf)

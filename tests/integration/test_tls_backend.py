@@ -26,7 +26,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from imapfixture import (Dovecot, Proxy, RawClient, imap_login,  # noqa: E402
-                         FixtureError, session_pid_for, wait_until)
+                         FixtureError, session_pid_for, wait_until, BROKER)
 
 CERTTOOL = shutil.which('certtool')
 SERVER_NAME = 'imap.test.example'
@@ -60,6 +60,16 @@ def make_server_cert(d, ca_pem, ca_key):
     certtool('--generate-certificate', '--load-privkey', key, '--load-ca-certificate', ca_pem,
              '--load-ca-privkey', ca_key, '--template', tmpl, '--outfile', pem)
     os.chmod(key, 0o644)  # read by Dovecot's login processes; a throw-away test key
+    return pem, key
+
+
+def make_client_cert(d, ca_pem, ca_key, name):
+    key, pem, tmpl = (os.path.join(d, name + ext) for ext in ('.key', '.pem', '.tmpl'))
+    with open(tmpl, 'w') as f:
+        f.write('cn = %s\ntls_www_client\nsigning_key\nexpiration_days = 2\n' % name)
+    certtool('--generate-privkey', '--key-type=ecdsa', '--outfile', key)
+    certtool('--generate-certificate', '--load-privkey', key, '--load-ca-certificate', ca_pem,
+             '--load-ca-privkey', ca_key, '--template', tmpl, '--outfile', pem)
     return pem, key
 
 
@@ -195,6 +205,11 @@ class TlsBackendTest(unittest.TestCase):
         cls.ca_pem, ca_key = make_ca(cls._classtmp, 'testca')
         cls.cert = make_server_cert(cls._classtmp, cls.ca_pem, ca_key)
         cls.rogue_ca_pem, _ = make_ca(cls._classtmp, 'rogueca')
+        # client certificates: the one Dovecot trusts (its own CA) and a second
+        # whose key is used to make a mismatching pair
+        cls.client_ca_pem, client_ca_key = make_ca(cls._classtmp, 'clientca')
+        cls.client = make_client_cert(cls._classtmp, cls.client_ca_pem, client_ca_key, 'proxyclient')
+        cls.other_client = make_client_cert(cls._classtmp, cls.client_ca_pem, client_ca_key, 'otherclient')
 
     @classmethod
     def tearDownClass(cls):
@@ -536,6 +551,137 @@ class TlsBackendTest(unittest.TestCase):
             fs.close()
         self.assertEqual(self.tls_logins(), (1, 1))
         self.session(reused=False)
+
+    # -- client certificate towards the backend (tls_cert_file / tls_key_file)
+
+    def client_cert_dovecot(self, **kw):
+        """Dovecot that refuses every login without a certificate from clientca."""
+        return self.dovecot(tls_client_ca=self.client_ca_pem, **kw)
+
+    def test_n_client_cert_starttls_and_implicit_pooled(self):
+        """Dovecot requires a client certificate: with tls_cert_file/tls_key_file the
+        logins work (STARTTLS and implicit TLS) and the connection is pooled."""
+        self.client_cert_dovecot()
+        for conf in ({'server_tls': 'starttls'},
+                     {'server_tls': 'implicit', 'server_port': self.dc.imaps_port}):
+            with self.subTest(**conf):
+                before = self.tls_logins()
+                self.proxy(tls_cert_file=self.client[0], tls_key_file=self.client[1], **conf)
+                self.assertIn('; with a client certificate', self.px.broker_log())
+                self.session(reused=False)
+                self.session(reused=True)
+                after = self.tls_logins()
+                self.assertEqual((after[0] - before[0], after[1] - before[1]), (1, 1),
+                                 'one Dovecot login over TLS for two client logins')
+                self.assertEqual(self.px.stop().get('broker'), 0)
+                self.px = None
+        # the combined form: key and certificate in one file (tls_key_file unset)
+        both = os.path.join(self.tmp, 'both.pem')
+        with open(both, 'w') as f:
+            f.write(open(self.client[0]).read() + open(self.client[1]).read())
+        self.proxy(server_tls='starttls', tls_cert_file=both)
+        self.session(reused=False)
+
+    def test_o_client_cert_missing_refused_cleanly(self):
+        """The same Dovecot, no client certificate: a clean NO, and the broker says why."""
+        self.client_cert_dovecot()
+        for conf in ({'server_tls': 'starttls'},
+                     {'server_tls': 'implicit', 'server_port': self.dc.imaps_port}):
+            with self.subTest(**conf):
+                self.proxy(**conf)
+                r = self.rawc()
+                _, tagged = r.login('alice', 'pw')
+                self.assertTrue(tagged.startswith(b'L1 NO'), tagged)
+                self.assertNotIn(b'pw', tagged)
+                log = wait_until(lambda: 'login alice failed' in self.px.broker_log() and self.px.broker_log(),
+                                 what='the reason in the broker log')
+                print('    [o] %s: client sees %r; broker: %s' % (
+                    conf['server_tls'], tagged.decode(errors='replace').strip(),
+                    [line for line in log.splitlines() if 'login alice failed' in line][-1]))
+                # Dovecot's reason, passed on: "Client didn't present valid SSL certificate"
+                self.assertRegex(log, r'login alice failed: .*(?i:valid SSL certificate)')
+                self.assertRegex(tagged, rb'(?i)certificate')
+                # the connection is still usable for the next client: same answer, no hang
+                r2 = self.rawc()
+                _, tagged = r2.login('alice', 'pw')
+                self.assertTrue(tagged.startswith(b'L1 NO'), tagged)
+                self.assertEqual(self.tls_logins(), (0, 0), 'no login got through')
+                r.close()
+                r2.close()
+                self.raw = []
+                self.assertEqual(self.px.stop().get('broker'), 0)
+                self.px = None
+
+    def check_config(self):
+        p = subprocess.run([BROKER, '-f', self.px.conf_path, '--check-config'], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, timeout=30)
+        return p.returncode, p.stdout.decode(errors='replace')
+
+    def test_p_bad_client_key_refused_at_start(self):
+        """A key that does not belong to the certificate, or a key file that cannot be
+        read: --check-config and the broker's start-up fail, naming the key file."""
+        missing = os.path.join(self.tmp, 'no-such.key')
+        garbage = os.path.join(self.tmp, 'garbage.key')
+        with open(garbage, 'w') as f:
+            f.write('-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n')
+        for name, key in (('mismatch', self.other_client[1]), ('missing', missing), ('garbage', garbage)):
+            with self.subTest(key=name):
+                self.px = Proxy(self.tmp, None, start=False, server_tls='starttls',
+                                tls_ca_file=self.ca_pem, tls_cert_file=self.client[0], tls_key_file=key)
+                rc, out = self.check_config()
+                print('    [p] %s: --check-config rc %d: %s' % (name, rc, out.strip().splitlines()[-1]))
+                self.assertEqual(rc, 1, out)
+                self.assertIn('tls_key_file %s' % key, out)
+                with self.assertRaises(FixtureError):
+                    self.px.start_broker(timeout=5)
+                self.assertIn('tls_key_file %s' % key, self.px.broker_log())
+                self.px.stop()
+                self.px = None
+        # and the good pair passes
+        self.px = Proxy(self.tmp, None, start=False, server_tls='starttls', tls_ca_file=self.ca_pem,
+                        tls_cert_file=self.client[0], tls_key_file=self.client[1])
+        rc, out = self.check_config()
+        self.assertEqual(rc, 0, out)
+        self.px = None
+
+    def tls_desc(self):
+        """The broker's debug line for the last backend handshake."""
+        m = wait_until(lambda: re.findall(r'TLS up: (\S+)', self.px.broker_log()), what='TLS up in the broker log')
+        return m[-1]
+
+    def test_q_protocol_versions(self):
+        """tls_no_tlsv1_2 yes means TLS 1.3; a broker limited to TLS 1.2 (tls_ciphers)
+        cannot reach a Dovecot that insists on TLS 1.3.  (Dovecot 2.3 cannot cap its
+        highest version, so "Dovecot speaks only 1.2" is not testable here.)"""
+        dbg = {'IMAPPROXY_LOG_LEVEL': 'debug'}
+        self.dovecot()
+        # the default: TLS 1.3; tls_ciphers without 1.3: TLS 1.2 (so the check below can fail)
+        for conf, want in (({}, 'TLS1.3'), ({'tls_ciphers': 'NORMAL:-VERS-TLS1.3'}, 'TLS1.2'),
+                           ({'tls_no_tlsv1.2': 'yes'}, 'TLS1.3')):
+            with self.subTest(want=want, **conf):
+                self.px = Proxy(self.tmp, self.dc, broker_env=dbg, server_tls='starttls',
+                                tls_ca_file=self.ca_pem, **conf)
+                self.session(reused=False)
+                self.assertTrue(self.tls_desc().startswith('(%s' % want), self.tls_desc())
+                self.assertEqual(self.px.stop().get('broker'), 0)
+                self.px = None
+        self.dc.stop()
+        self.dc = None
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        os.makedirs(self.tmp)
+        self.dovecot(extra_conf='ssl_min_protocol = TLSv1.3\n')
+        self.proxy(server_tls='starttls', tls_ciphers='NORMAL:-VERS-TLS1.3', broker_env=dbg)
+        tagged = self.expect_unavailable()
+        log = wait_until(lambda: 'TLS handshake failed' in self.px.broker_log() and self.px.broker_log(),
+                         what='handshake failure in the broker log')
+        print('    [q] TLS 1.2 only vs TLS 1.3 only: %r; %s' % (
+            tagged.decode().strip(), [x for x in log.splitlines() if 'TLS handshake failed' in x][-1]))
+        self.assertEqual(self.tls_logins(), (0, 0))
+        self.assertEqual(self.px.stop().get('broker'), 0)
+        self.px = None
+        self.proxy(server_tls='starttls', broker_env=dbg, **{'tls_no_tlsv1.2': 'yes'})
+        self.session(reused=False)
+        self.assertTrue(self.tls_desc().startswith('(TLS1.3'), self.tls_desc())
 
 
 if __name__ == '__main__':
