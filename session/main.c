@@ -196,24 +196,34 @@ static int parse_argv(int argc, char **argv) {
 }
 
 #ifndef SESSION_TLS
+/* imapproxy-session-tls is installed next to this program. */
+static int tls_program_path(char *prog, size_t size) {
+        char self[PATH_MAX];
+        ssize_t l = readlink("/proc/self/exe", self, sizeof(self) - 1);
+
+        if (l <= 0)
+                return l < 0 ? -errno : -ENOENT;
+        self[l] = '\0';
+        char *slash = strrchr(self, '/');
+        if (!slash)
+                return -ENOENT;
+        *slash = '\0';
+        if (snprintf(prog, size, "%s/" TLS_PROGRAM, self) >= (int) size)
+                return -ENAMETOOLONG;
+        return 0;
+}
+
 /* After STARTTLS's tagged OK: become imapproxy-session-tls on the same client
  * socket. Nothing the client sent after STARTTLS survives the exec. Returns
  * only on failure (the client, told to start TLS, is then disconnected). */
 static int exec_tls_session(Session *s) {
-        char self[PATH_MAX], prog[PATH_MAX], fds[32], failures[16];
+        char prog[PATH_MAX], fds[32], failures[16];
         const char *argv[16];
         size_t n = 0;
+        int r = tls_program_path(prog, sizeof(prog));
 
-        ssize_t l = readlink("/proc/self/exe", self, sizeof(self) - 1);
-        if (l <= 0)
-                return log_error_errno(l < 0 ? -errno : -ENOENT, "STARTTLS: cannot find our own program: %m");
-        self[l] = '\0';
-        char *slash = strrchr(self, '/');
-        if (!slash)
-                return log_error_errno(-ENOENT, "STARTTLS: odd program path %s", self);
-        *slash = '\0';
-        if (snprintf(prog, sizeof(prog), "%s/" TLS_PROGRAM, self) >= (int) sizeof(prog))
-                return -ENAMETOOLONG;
+        if (r < 0)
+                return log_error_errno(r, "STARTTLS: cannot find " TLS_PROGRAM " next to this program: %m");
         (void) fd_set_cloexec(s->client_in, false);
         (void) fd_set_cloexec(s->client_out, false);
         snprintf(fds, sizeof(fds), "%d:%d", s->client_in, s->client_out);
@@ -375,17 +385,14 @@ int main(int argc, char **argv) {
 #ifndef SESSION_TLS
         if (arg_implicit_tls || arg_starttls_handoff) {
                 /* Same pid, same fds, same environment (LISTEN_PID stays right). */
-                char self[PATH_MAX], prog[PATH_MAX];
-                ssize_t l = readlink("/proc/self/exe", self, sizeof(self) - 1);
-                char *slash = l > 0 ? (self[l] = '\0', strrchr(self, '/')) : NULL;
-                if (slash) {
-                        *slash = '\0';
-                        if (snprintf(prog, sizeof(prog), "%s/" TLS_PROGRAM, self) < (int) sizeof(prog)) {
-                                argv[0] = prog;
-                                execv(prog, argv);
-                        }
+                char prog[PATH_MAX];
+                r = tls_program_path(prog, sizeof(prog));
+                if (r >= 0) {
+                        argv[0] = prog;
+                        execv(prog, argv);
+                        r = -errno;
                 }
-                log_error_errno(-errno, "--implicit-tls: cannot execute %s next to this program: %m", TLS_PROGRAM);
+                log_error_errno(r, "--implicit-tls: cannot execute " TLS_PROGRAM " next to this program: %m");
                 return 1;
         }
 #endif
@@ -423,13 +430,11 @@ int main(int argc, char **argv) {
                         log_error("%s", err);
         }
         if (r < 0) {
+#ifndef SESSION_TLS /* (a TLS client would not understand it) */
                 static const char bye[] = "* BYE [UNAVAILABLE] Proxy misconfigured.\r\n";
-#ifndef SESSION_TLS
-                if (!arg_fork_server) /* (a TLS client would not understand it) */
-#else
-                if (false)
-#endif
+                if (!arg_fork_server)
                         (void) client_write(s, bye, sizeof(bye) - 1);
+#endif
                 config_done(&s->cfg); /* what the file set before its bad line (LeakSanitizer) */
                 return 1;
         }
