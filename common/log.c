@@ -64,31 +64,21 @@ static const char *const level_names[] = {
         [LOG_WARNING] = "warning", [LOG_NOTICE] = "notice", [LOG_INFO] = "info", [LOG_DEBUG] = "debug",
 };
 
-static int stderr_is_journal(void) {
+/* fd 2 is the stream systemd connected to the journal (JOURNAL_STREAM). */
+static bool stderr_is_journal(const struct stat *st) {
         const char *e = getenv("JOURNAL_STREAM");
         unsigned long long dev, ino;
-        struct stat st;
 
         if (!e || sscanf(e, "%llu:%llu", &dev, &ino) != 2)
-                return 0;
-        if (fstat(STDERR_FILENO, &st) < 0)
-                return 0;
-        return (unsigned long long) st.st_dev == dev && (unsigned long long) st.st_ino == ino;
-}
-
-static int stderr_is_closed(void) {
-        struct stat st;
-        return fstat(STDERR_FILENO, &st) < 0;
-}
-
-static int stderr_is_socket(void) {
-        struct stat st;
-        return fstat(STDERR_FILENO, &st) == 0 && S_ISSOCK(st.st_mode);
+                return false;
+        return (unsigned long long) st->st_dev == dev && (unsigned long long) st->st_ino == ino;
 }
 
 void log_setup(const char *ident, LogTarget target) {
         const char *t = getenv("IMAPPROXY_LOG_TARGET");
-        bool fd2_unusable = stderr_is_socket() || stderr_is_closed();
+        struct stat st; /* one fstat(): every session start pays for it */
+        bool fd2_open = fstat(STDERR_FILENO, &st) == 0;
+        bool fd2_unusable = !fd2_open || S_ISSOCK(st.st_mode); /* closed, or xinetd's socket */
 
         if (ident)
                 log_ident = ident;
@@ -100,7 +90,7 @@ void log_setup(const char *ident, LogTarget target) {
                 else if (strcmp(t, "syslog") == 0)
                         target = LOG_TARGET_SYSLOG;
         }
-        log_journal_prefix = stderr_is_journal();
+        log_journal_prefix = fd2_open && stderr_is_journal(&st);
         log_fallback = fd2_unusable ? LOG_TARGET_SYSLOG : LOG_TARGET_STDERR;
         if (target == LOG_TARGET_AUTO)
                 target = log_journal_prefix || fd2_unusable ? LOG_TARGET_JOURNAL : LOG_TARGET_STDERR;
