@@ -1128,36 +1128,35 @@ class FakeConn:
             left = deadline - time.monotonic()
             if left <= 0 or self.server.stopping:
                 return None
-            self.sock.settimeout(min(left, 0.2))
-            try:
-                chunk = self.sock.recv(65536)
-            except socket.timeout:
+            chunk = self._recv(min(left, 0.2))
+            if chunk is None:
                 continue
-            except OSError:
-                chunk = b''
             if not chunk:
-                self.closed_by_peer_at = time.monotonic()
                 return None
-            self.received += chunk
             self.buf += chunk
         line, self.buf = self.buf.split(b'\n', 1)
         return line + b'\n'
+
+    def _recv(self, timeout):
+        """Bytes read (also kept in received), b'' when the peer closed, None on timeout."""
+        self.sock.settimeout(timeout)
+        try:
+            chunk = self.sock.recv(65536)
+        except socket.timeout:
+            return None
+        except OSError:
+            chunk = b''
+        if not chunk:
+            self.closed_by_peer_at = time.monotonic()
+        self.received += chunk
+        return chunk
 
     def wait_closed(self, timeout=60.0):
         """Read and discard until the peer closes; True if it did within timeout."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not self.server.stopping:
-            self.sock.settimeout(0.2)
-            try:
-                chunk = self.sock.recv(65536)
-            except socket.timeout:
-                continue
-            except OSError:
-                chunk = b''
-            if not chunk:
-                self.closed_by_peer_at = time.monotonic()
+            if self._recv(0.2) == b'':
                 return True
-            self.received += chunk
         return False
 
     def forward(self, port, host='127.0.0.1', swallow_greeting=False):
