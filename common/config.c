@@ -338,20 +338,29 @@ static int ascii_lower(int ch) {
         return ch >= 'A' && ch <= 'Z' ? ch + 32 : ch;
 }
 
-/* Levenshtein distance, case-insensitive; for "did you mean" on a typo. */
-static size_t edit_distance(const char *a, size_t alen, const char *b) {
+/* Levenshtein distance, case-insensitive; for "did you mean" on a typo.
+ * Returns SIZE_MAX as soon as the distance is known to exceed limit: the
+ * fuzzer feeds thousands of unknown keys, and so can a broken file. */
+static size_t edit_distance(const char *a, size_t alen, const char *b, size_t limit) {
         size_t blen = strlen(b), prev[48], cur[48];
 
         if (alen >= ELEMENTSOF(prev) || blen >= ELEMENTSOF(prev))
                 return SIZE_MAX;
+        if (alen > blen + limit || blen > alen + limit)
+                return SIZE_MAX; /* the length difference alone is over the limit */
         for (size_t j = 0; j <= blen; j++)
                 prev[j] = j;
         for (size_t i = 1; i <= alen; i++) {
-                cur[0] = i;
+                size_t row_min;
+
+                cur[0] = row_min = i;
                 for (size_t j = 1; j <= blen; j++) {
                         size_t sub = prev[j - 1] + (ascii_lower(a[i - 1]) != ascii_lower(b[j - 1]));
                         cur[j] = MIN(MIN(prev[j] + 1, cur[j - 1] + 1), sub);
+                        row_min = MIN(row_min, cur[j]);
                 }
+                if (row_min > limit) /* distances never shrink down the rows */
+                        return SIZE_MAX;
                 memcpy(prev, cur, (blen + 1) * sizeof(size_t));
         }
         return prev[blen];
@@ -362,7 +371,7 @@ static const ConfigKey *config_key_suggest(const char *key, size_t len) {
         size_t best_d = 3; /* suggest only within distance 2 */
 
         for (size_t i = 0; i < ELEMENTSOF(config_keys); i++) {
-                size_t d = edit_distance(key, len, config_keys[i].name);
+                size_t d = edit_distance(key, len, config_keys[i].name, best_d - 1);
                 if (d < best_d) {
                         best_d = d;
                         best = &config_keys[i];

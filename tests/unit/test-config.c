@@ -667,6 +667,20 @@ Test(config, unknown_key) {
                      "'tls_verify_server'?)");
         expect_error("Cache_Sise 1\n",
                      "t.conf:1: Cache_Sise: unknown configuration key (did you mean 'cache_size'?)");
+        /* the suggestion reaches distance 2 (two missing, two extra, two
+         * changed letters) and no further; the search stops early on the
+         * length difference and on a whole row over the limit */
+        expect_error("cache_sie 1\n",
+                     "t.conf:1: cache_sie: unknown configuration key (did you mean 'cache_size'?)");
+        expect_error("cachesie 1\n",
+                     "t.conf:1: cachesie: unknown configuration key (did you mean 'cache_size'?)");
+        expect_error("cache_sizexx 1\n",
+                     "t.conf:1: cache_sizexx: unknown configuration key (did you mean 'cache_size'?)");
+        expect_error("cxche_sizx 1\n",
+                     "t.conf:1: cxche_sizx: unknown configuration key (did you mean 'cache_size'?)");
+        expect_error("cachsie 1\n", "t.conf:1: cachsie: unknown configuration key");
+        expect_error("cache_sizexxx 1\n", "t.conf:1: cache_sizexxx: unknown configuration key");
+        expect_error("xxxhe_size 1\n", "t.conf:1: xxxhe_size: unknown configuration key");
         /* a key alone on its line is still unknown before it is valueless */
         expect_error("\n\n\n\nbogus\n", "t.conf:5: bogus: unknown configuration key");
         /* control and 8-bit bytes are not echoed raw */
