@@ -118,8 +118,11 @@ struct Broker {
         gid_t admin_gid;                 /* admin_group */
         bool admin_gid_set;
         uint64_t start_usec;
+#define HMAC_KEY_SIZE 32
 
-        uint8_t hmac_key[32];
+        uint8_t *hmac_key; /* HMAC_KEY_SIZE bytes from secret_alloc(): pool keys and the shared
+                            * secret check; with a core and the pool's digests, passwords
+                            * could be tested offline, so it stays out of dumps */
         uint64_t next_ticket;
 
         /* pool */

@@ -28,6 +28,7 @@
 #include "broker.h"
 #include "fd-util.h"
 #include "log.h"
+#include "secret.h"
 
 #define STATUS_INTERVAL_USEC (2 * 1000000ULL)
 
@@ -176,7 +177,10 @@ int main(int argc, char **argv) {
                 return 0;
         }
 
-        if (gnutls_rnd(GNUTLS_RND_KEY, b->hmac_key, sizeof(b->hmac_key)) < 0) {
+        b->hmac_key = secret_alloc(HMAC_KEY_SIZE);
+        if (!b->hmac_key)
+                return log_error_errno(-errno, "cannot allocate the key: %m"), 1;
+        if (gnutls_rnd(GNUTLS_RND_KEY, b->hmac_key, HMAC_KEY_SIZE) < 0) {
                 log_error("cannot draw a random key");
                 return 1;
         }
@@ -228,7 +232,8 @@ int main(int argc, char **argv) {
         tls_done(b); /* after pool_done: the relays forward the pool's LOGOUTs */
         resolve_done(b);
         b->event = sd_event_unref(b->event);
-        explicit_bzero(b->hmac_key, sizeof(b->hmac_key));
+        secret_free(b->hmac_key, HMAC_KEY_SIZE);
+        b->hmac_key = NULL;
         config_done(&b->cfg);
         return r < 0 ? 1 : 0;
 }

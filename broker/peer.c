@@ -176,8 +176,8 @@ static void peer_on_backend_done(void *userdata, int error, Conn *c, IpcFailStat
 /* Full-length, constant-time comparison: HMACs of both under our key. */
 static bool secret_equal(const Broker *b, const char *given, const char *secret) {
         uint8_t x[VERIFIER_SIZE], y[VERIFIER_SIZE], d = 0;
-        if (gnutls_hmac_fast(GNUTLS_MAC_SHA256, b->hmac_key, sizeof(b->hmac_key), given, strlen(given), x) < 0 ||
-            gnutls_hmac_fast(GNUTLS_MAC_SHA256, b->hmac_key, sizeof(b->hmac_key), secret, strlen(secret), y) < 0)
+        if (gnutls_hmac_fast(GNUTLS_MAC_SHA256, b->hmac_key, HMAC_KEY_SIZE, given, strlen(given), x) < 0 ||
+            gnutls_hmac_fast(GNUTLS_MAC_SHA256, b->hmac_key, HMAC_KEY_SIZE, secret, strlen(secret), y) < 0)
                 return false;
         for (size_t i = 0; i < VERIFIER_SIZE; i++)
                 d |= (uint8_t) (x[i] ^ y[i]);

@@ -73,7 +73,7 @@ Caps *caps_intern(Broker *b, const char *text) {
 void compute_verifier(const Broker *b, const char *user, const char *authzid, const char *password,
                       uint8_t ret[VERIFIER_SIZE]) {
         gnutls_hmac_hd_t h;
-        if (gnutls_hmac_init(&h, GNUTLS_MAC_SHA256, b->hmac_key, sizeof(b->hmac_key)) < 0)
+        if (gnutls_hmac_init(&h, GNUTLS_MAC_SHA256, b->hmac_key, HMAC_KEY_SIZE) < 0)
                 abort(); /* SHA-256 HMAC is always available: a failure is corruption */
         (void) gnutls_hmac(h, user, strlen(user) + 1); /* the NULs separate the fields */
         (void) gnutls_hmac(h, authzid, strlen(authzid) + 1);

@@ -505,6 +505,20 @@ class Hostile(ProxyTest):
             self.start_proxy(login_failure_delay=100)
         finally:
             del os.environ['IMAPPROXY_LOG_LEVEL']
+        # Before any login, the one secret the broker has is the pool's HMAC
+        # key (with a core and the pool's digests, a password could be tested
+        # offline): it lives in a page kept out of core dumps.
+        dontdump, mapping = [], None
+        with open('/proc/%d/smaps' % self.px.broker.popen.pid) as f:
+            for ln in f:
+                if ln.startswith('VmFlags:'):
+                    # anonymous ones only: the kernel's [vvar] pages have dd too
+                    if 'dd' in ln.split()[1:] and len(mapping) == 5:
+                        dontdump.append(mapping[0])
+                elif not ln.split()[0].endswith(':'):
+                    mapping = ln.split()
+        self.assertEqual(len(dontdump), 1,
+                         'want one MADV_DONTDUMP mapping (the HMAC key) in the idle broker: %r' % dontdump)
         plain = base64.b64encode(b'\0carol\0' + secret.encode()).decode()
         plain_wrong = base64.b64encode(b'\0carol\0' + wrong.encode()).decode()
         for round_ in range(2):
