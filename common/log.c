@@ -53,6 +53,7 @@ static int log_facility = LOG_MAIL;
 static int log_journal_prefix;
 static int log_syslog_open;
 static int journal_fd = -1;
+static struct sockaddr_un journal_addr = { .sun_family = AF_UNIX, .sun_path = JOURNAL_SOCKET };
 
 static struct {
         const char *key;
@@ -98,6 +99,15 @@ void log_setup(const char *ident, LogTarget target) {
         const char *lvl = getenv("IMAPPROXY_LOG_LEVEL");
         if (lvl && strcmp(lvl, "debug") == 0)
                 log_max_level = LOG_DEBUG;
+}
+
+int log_set_journal_socket(const char *path) {
+        size_t n = strlen(path);
+
+        if (n == 0 || n >= sizeof(journal_addr.sun_path))
+                return -ENAMETOOLONG;
+        memcpy(journal_addr.sun_path, path, n + 1);
+        return 0;
 }
 
 LogTarget log_get_target(void) {
@@ -178,7 +188,6 @@ static bool field_name_ok(const char *k) {
 
 static int journal_send(int level, int error, const char *message_id, const LogField *fields, size_t n_fields,
                         const char *text) {
-        static const struct sockaddr_un sa = { .sun_family = AF_UNIX, .sun_path = JOURNAL_SOCKET };
         char prio[16], fac[16], err[16];
         JournalMsg m = {};
 
@@ -207,8 +216,8 @@ static int journal_send(int level, int error, const char *message_id, const LogF
                         journal_field(&m, fields[i].key, fields[i].value);
 
         struct msghdr mh = {
-                .msg_name = (void *) &sa,
-                .msg_namelen = (socklen_t) (offsetof(struct sockaddr_un, sun_path) + sizeof(JOURNAL_SOCKET)),
+                .msg_name = &journal_addr,
+                .msg_namelen = (socklen_t) (offsetof(struct sockaddr_un, sun_path) + strlen(journal_addr.sun_path) + 1),
                 .msg_iov = m.iov,
                 .msg_iovlen = m.n,
         };
@@ -295,9 +304,8 @@ char *log_sanitize(const char *in, size_t inlen, char *out, size_t outsize) {
                 unsigned char c = (unsigned char) in[i];
                 out[o++] = (c >= 0x20 && c < 0x7f) ? (char) c : '?';
         }
-        if (inlen > 0 && o + 1 == outsize && o >= 3) {
+        if (o < inlen && o >= 3) /* cut: say so (text that just fits is left whole) */
                 out[o - 1] = out[o - 2] = out[o - 3] = '.';
-        }
         out[o] = '\0';
         return out;
 }

@@ -24,6 +24,9 @@ typedef enum LogTarget {
  * debugging). IMAPPROXY_LOG_TARGET=journal|stderr|syslog|auto overrides. */
 void log_setup(const char *ident, LogTarget target);
 LogTarget log_get_target(void);
+/* Where journald's native socket is (default /run/systemd/journal/socket):
+ * for tests, which read what we send. -ENAMETOOLONG if it does not fit. */
+int log_set_journal_socket(const char *path);
 void log_set_max_level(int level);
 int log_get_max_level(void);
 void log_set_facility(int facility);
