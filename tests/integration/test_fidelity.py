@@ -30,6 +30,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -39,7 +40,7 @@ import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from imapfixture import (Dovecot, Proxy, RawClient, imap_login, quote,  # noqa: E402
-                         FixtureError)
+                         FixtureError, wait_until)
 
 MESSAGES = 5
 MASTER_USER, MASTER_PW = 'master', 'masterpw'
@@ -1242,7 +1243,7 @@ class Relay(FidelityTest):
         self.logout_raw(r)
 
     def test_j7_50mb_append_and_fetch(self):
-        self.start_proxy()
+        self.start_proxy(listener_env={'IMAPPROXY_LOG_LEVEL': 'debug'})  # says how much it spliced
         r = self.raw(timeout=60)
         self.login_ok(r)
         self._select(r)
@@ -1287,6 +1288,55 @@ class Relay(FidelityTest):
         self.assertEqual(h.hexdigest(), want, '50 MB message fetched back differs (sha256)')
         print('    [j7] 50 MB APPEND %.1fs, FETCH %.1fs' % (t1 - t0, t2 - t1))
         self.logout_raw(r)
+        # The body went backend -> pipe -> client by splice(2), not through
+        # our buffer (all but what came with the FETCH line's first read).
+        m = wait_until(lambda: re.search(r'(\d+) bytes of backend literals spliced', self.px.listener_log()),
+                       5, what='the session\'s splice count')
+        self.assertGreater(int(m.group(1)), n - (1 << 20), self.px.listener_log()[-2000:])
+
+    def test_j7b_client_leaves_in_the_middle_of_a_spliced_fetch(self):
+        """A client that resets its connection 1 MB into a 16 MB literal being
+        spliced to it. It left at a command boundary, so its session reads
+        and drops the other 15 MB, sees the FETCH completed, deselects and
+        returns the connection; the next client gets that same connection and
+        it is in step: its own FETCH answers are exactly Dovecot's."""
+        self.start_proxy()
+        r = self.raw(timeout=60)
+        self.login_ok(r)
+        self._select(r)
+        msg = b'Subject: sixteen\r\n\r\n' + b'x' * (16 << 20) + b'\r\n'
+        r.send(b'f1 APPEND INBOX {%d}\r\n' % len(msg))
+        self.assertRegex(r.readline(), rb'^\+', r.dump())
+        r.sock.settimeout(60)
+        r.sock.sendall(msg)
+        r.send(b'\r\n')
+        _, tagged = r.read_tagged('f1', timeout=60)
+        uid = int(re.search(rb'APPENDUID \d+ (\d+)', tagged).group(1))
+        logins = self.dc.logins('alice')
+        r.send(b'f2 UID FETCH %d (BODY.PEEK[])\r\n' % uid)
+        got = len(r.buf)
+        while got < (1 << 20):
+            k = r.sock.recv(65536)
+            self.assertTrue(k, 'closed after %d bytes' % got)
+            got += len(k)
+        r.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))  # RST
+        r.close()
+        wait_until(lambda: 'died with code 0' in self.px.listener_log(), 10,
+                   what='the session to end; log: ' + self.px.listener_log()[-1500:])
+        r2 = self.raw()
+        self.login_ok(r2)
+        self._select(r2, tag='s2')
+        want = self.direct()
+        self.login_ok(want)
+        self._select(want, tag='s2')
+        for rc in (r2, want):
+            rc.send(b'g1 FETCH 1:5 (UID RFC822.SIZE BODY.PEEK[HEADER.FIELDS (SUBJECT)])\r\n')
+        got2, want2 = r2.read_tagged('g1'), want.read_tagged('g1')
+        self.assertEqual(got2[0], want2[0], 'the reused connection is out of step')
+        self.assertRegex(got2[1], rb'^g1 OK')
+        self.assertEqual(self.dc.logins('alice'), logins + 1,
+                         'one new login (the direct one): the drained connection was reused')
+        self.logout_raw(r2)
 
     def test_j8_pipelined_commands_with_literals(self):
         self.start_proxy()

@@ -777,3 +777,40 @@ Test(imap_scanner, long_generated_command_equivalence) {
         cr_assert(strstr(log, "ATOM\"A4\" ATOM\"LOGOUT\"\nEND@"));
         free(log);
 }
+
+/* The relay splices big literal bodies past the scanner and says how many
+ * bytes went by: the literal ends where it would have, uncaptured bytes
+ * make the arg truncated, and nothing beyond the literal can be skipped. */
+Test(imap_scanner, literal_skip) {
+        ImapScanner *s;
+        size_t n;
+
+        cr_assert_eq(imap_scanner_new(IMAP_SCAN_SERVER, &default_limits, &s), 0);
+        cr_assert_eq(imap_scanner_literal_skip(s, 1), -EINVAL, "no literal yet");
+        cr_assert_eq(imap_scanner_feed(s, S("* 1 FETCH (BODY[] {10}\r\n01"), &n), IMAP_SCAN_LITERAL);
+        cr_assert_eq(imap_scanner_feed(s, S("01"), &n), IMAP_SCAN_NEED_MORE);
+        cr_assert_eq(imap_scanner_literal_remaining(s), 8);
+        cr_assert_eq(imap_scanner_literal_skip(s, 9), -EINVAL, "past the literal");
+        cr_assert_eq(imap_scanner_literal_remaining(s), 8, "a refused skip changes nothing");
+        cr_assert_eq(imap_scanner_literal_skip(s, 0), 0);
+        cr_assert_eq(imap_scanner_literal_skip(s, 5), 0);
+        cr_assert_eq(imap_scanner_literal_remaining(s), 3);
+        cr_assert_eq(imap_scanner_feed(s, S("789"), &n), IMAP_SCAN_NEED_MORE);
+        cr_assert_eq(imap_scanner_literal_remaining(s), 0);
+        cr_assert_eq(imap_scanner_feed(s, S(")\r\n"), &n), IMAP_SCAN_LINE);
+        const ImapLine *l = imap_scanner_line(s);
+        cr_assert_eq(l->n_args, 7, "got %zu", (size_t) l->n_args);
+        cr_assert_eq(l->args[5].type, IMAP_ARG_LITERAL);
+        cr_assert_eq(l->args[5].full_len, 10);
+        cr_assert(l->args[5].truncated);
+        cr_assert_str_eq(l->args[5].str, "01789", "captured: what was fed");
+
+        /* skipping the whole rest ends the literal at once */
+        cr_assert_eq(imap_scanner_feed(s, S("* 2 FETCH (BODY[] {4}\r\n"), &n), IMAP_SCAN_LITERAL);
+        cr_assert_eq(imap_scanner_literal_skip(s, 4), 0);
+        cr_assert_eq(imap_scanner_literal_skip(s, 1), -EINVAL);
+        cr_assert_eq(imap_scanner_feed(s, S(")\r\n"), &n), IMAP_SCAN_LINE);
+        cr_assert_eq(imap_scanner_line(s)->args[5].full_len, 4);
+        cr_assert_eq(imap_scanner_line(s)->args[5].len, 0);
+        imap_scanner_free(s);
+}
