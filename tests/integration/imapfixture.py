@@ -37,6 +37,7 @@ SESSION = os.environ.get('IMAPPROXY_SESSION') or os.path.join(REPO, 'session', '
 DOVECOT = os.environ.get('DOVECOT') or shutil.which('dovecot') or '/usr/sbin/dovecot'
 DOVEADM = os.environ.get('DOVEADM') or shutil.which('doveadm') or '/usr/bin/doveadm'
 SOCKET_ACTIVATE = shutil.which('systemd-socket-activate') or '/usr/bin/systemd-socket-activate'
+CERTTOOL = shutil.which('certtool') or '/usr/bin/certtool'
 
 # Environment variables that must not leak from our own supervisor into children.
 _SCRUB_ENV = ('NOTIFY_SOCKET', 'LISTEN_FDS', 'LISTEN_PID', 'LISTEN_FDNAMES', 'WATCHDOG_PID',
@@ -73,6 +74,20 @@ def wait_until(pred, timeout=5.0, interval=0.02, what=None):
         if time.monotonic() >= deadline:
             raise FixtureError('timed out after %.1fs waiting for %s' % (timeout, what or pred))
         time.sleep(interval)
+
+
+def tail(text, n=40):
+    """The last n lines of text (for failure messages and diagnostics)."""
+    return '\n'.join(text.splitlines()[-n:])
+
+
+def read_log(path):
+    """A log file as text ('' while it does not exist yet)."""
+    try:
+        with open(path, 'rb') as f:
+            return f.read().decode('utf-8', 'replace')
+    except FileNotFoundError:
+        return ''
 
 
 def child_env(extra=None):
@@ -169,11 +184,7 @@ class _Proc:
         return self.reap()
 
     def log(self):
-        try:
-            with open(self.log_path, 'rb') as f:
-                return f.read().decode('utf-8', 'replace')
-        except OSError:
-            return ''
+        return read_log(self.log_path)
 
 
 @atexit.register
@@ -188,6 +199,26 @@ def _kill_everything():
             ns.close()
         except Exception:  # noqa: BLE001 - last-resort cleanup
             pass
+
+
+def socket_activate(args, log_path, name, env=None, attempts=5, timeout=10.0):
+    """`systemd-socket-activate -l 127.0.0.1:PORT -a ARGS...` on a free port, tried
+    again on another one if the port got taken meanwhile (the launcher exits).
+    log_path may contain '{port}'. Returns (port, _Proc) once it listens."""
+    for _ in range(attempts):
+        port = free_port()
+        p = _Proc([SOCKET_ACTIVATE, '-l', '127.0.0.1:%d' % port, '-a'] + list(args),
+                  log_path.format(port=port), name, env=env)
+        try:
+            wait_until(lambda: tcp_listening(port) or not p.alive(), timeout,
+                       what='systemd-socket-activate on %d' % port)
+        except FixtureError:
+            p.stop()
+            raise
+        if p.alive():
+            return port, p
+        p.stop()
+    raise FixtureError('systemd-socket-activate did not listen:\n%s' % p.log())
 
 
 def _name_of_uid(uid):
@@ -430,11 +461,7 @@ service stats {{
     # -- log inspection
 
     def log(self):
-        try:
-            with open(self.log_path, 'rb') as f:
-                return f.read().decode('utf-8', 'replace')
-        except FileNotFoundError:
-            return ''
+        return read_log(self.log_path)
 
     def settled_log(self, quiet=0.15, timeout=3.0):
         """The log once it has stopped growing for `quiet` seconds (the log process
@@ -618,11 +645,7 @@ class Proxy:
         return rc
 
     def broker_log(self):
-        try:
-            with open(self.broker_log_path, 'rb') as f:
-                return f.read().decode('utf-8', 'replace')
-        except FileNotFoundError:
-            return ''
+        return read_log(self.broker_log_path)
 
     # -- listener
 
@@ -662,11 +685,7 @@ class Proxy:
 
     def listener_log(self):
         """stderr of systemd-socket-activate and of every session it spawned."""
-        try:
-            with open(self.listener_log_path, 'rb') as f:
-                return f.read().decode('utf-8', 'replace')
-        except FileNotFoundError:
-            return ''
+        return read_log(self.listener_log_path)
 
     def crash_report(self):
         """Lines in the broker/session logs that look like crashes or sanitizer reports."""
@@ -954,6 +973,11 @@ def proc_cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
 
 
+def proc_fd_count(pid):
+    """Number of open descriptors of a process."""
+    return len(os.listdir('/proc/%d/fd' % pid))
+
+
 def proc_rss_kb(pid):
     with open('/proc/%d/status' % pid) as f:
         for line in f:
@@ -1099,6 +1123,39 @@ class NetNS:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# ------------------------------------------------------------------ certificates
+
+def certtool(*args):
+    """Run certtool (gnutls-bin); FixtureError with its output if it fails."""
+    r = subprocess.run([CERTTOOL] + list(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       timeout=60)
+    if r.returncode != 0:
+        raise FixtureError('certtool %s: %s' % (' '.join(args), r.stdout.decode(errors='replace')))
+
+
+def make_ca(directory, name, cn=None):
+    """A test CA (ECDSA, self-signed, valid 2 days) as directory/NAME.pem and
+    NAME.key; returns (pem, key)."""
+    key, pem, tmpl = (os.path.join(directory, name + ext) for ext in ('.key', '.pem', '.tmpl'))
+    with open(tmpl, 'w') as f:
+        f.write('cn = "%s"\nca\ncert_signing_key\nexpiration_days = 2\n' % (cn or name))
+    certtool('--generate-privkey', '--key-type=ecdsa', '--outfile', key)
+    certtool('--generate-self-signed', '--load-privkey', key, '--template', tmpl, '--outfile', pem)
+    return pem, key
+
+
+def make_cert(directory, name, ca_pem, ca_key, template):
+    """A certificate (ECDSA key) signed by the CA ca_pem/ca_key, made from a
+    certtool template text, as directory/NAME.pem and NAME.key; returns (pem, key)."""
+    key, pem, tmpl = (os.path.join(directory, name + ext) for ext in ('.key', '.pem', '.tmpl'))
+    with open(tmpl, 'w') as f:
+        f.write(template)
+    certtool('--generate-privkey', '--key-type=ecdsa', '--outfile', key)
+    certtool('--generate-certificate', '--load-privkey', key, '--load-ca-certificate', ca_pem,
+             '--load-ca-privkey', ca_key, '--template', tmpl, '--outfile', pem)
+    return pem, key
 
 
 # ------------------------------------------------------------------ scripted fake backend

@@ -23,15 +23,10 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from imapfixture import (Dovecot, Proxy, RawClient, imap_login,  # noqa: E402
+from imapfixture import (Dovecot, Proxy, RawClient, imap_login, tail,  # noqa: E402
                          FixtureError)
 
 MESSAGES = 5
-
-
-def tail(text, n=40):
-    lines = text.splitlines()
-    return '\n'.join(lines[-n:])
 
 
 class ProxyTest(unittest.TestCase):

@@ -22,7 +22,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from imapfixture import Dovecot, Proxy, RawClient, imap_login, wait_until, REPO  # noqa: E402
+from imapfixture import Dovecot, Proxy, RawClient, imap_login, tail, wait_until, REPO  # noqa: E402
 
 CTL = os.environ.get('IMAPPROXYCTL') or os.path.join(REPO, 'ctl', 'imapproxyctl')
 ALICE_PW = 'Al1ce-S3cret'
@@ -36,10 +36,6 @@ ROLE_SESSION, ROLE_ADMIN = 1, 2
 
 def ipc_msg(mtype, payload):
     return struct.pack('<HHI', mtype, 0, len(payload)) + payload
-
-
-def tail(text, n=40):
-    return '\n'.join(text.splitlines()[-n:])
 
 
 class CtlBase(unittest.TestCase):

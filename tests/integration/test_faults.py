@@ -32,15 +32,11 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from imapfixture import (Dovecot, FakeBackend, FixtureError, NetNS, Proxy, RawClient,  # noqa: E402
-                         children_of, fd_report, imap_login, netns_available, proc_cpu_seconds,
-                         proc_fds,
-                         proc_rss_kb, session_pid_for, tcp_fds, wait_until)
+                         children_of, fd_report, imap_login, make_ca, netns_available,
+                         proc_cpu_seconds, proc_fds, proc_rss_kb, session_pid_for, tail, tcp_fds,
+                         wait_until)
 
 MESSAGES = 5
-
-
-def tail(text, n=40):
-    return '\n'.join(text.splitlines()[-n:])
 
 
 class FaultTest(unittest.TestCase):
@@ -357,7 +353,7 @@ class BrokerCrash(FaultTest):
         """With a TLS backend the broker relays lent connections, so they end with it:
         the client gets a BYE and a close at once (no hang), and after the restart
         logins work again."""
-        from test_tls_backend import make_ca, make_server_cert
+        from test_tls_backend import make_server_cert
         ca_pem, ca_key = make_ca(self.tmp, 'faultca')
         self.start_dovecot(tls=make_server_cert(self.tmp, ca_pem, ca_key))
         self.start_proxy(server_tls='starttls', tls_ca_file=ca_pem)
@@ -699,7 +695,7 @@ class LinkCutTls(LinkCut):
     a socketpair, so it must notice the dead link and close what it lent."""
 
     def setUp(self):
-        from test_tls_backend import make_ca, make_server_cert
+        from test_tls_backend import make_server_cert
         FaultTest.setUp(self)
         ca_pem, ca_key = make_ca(self.tmp, 'faultca')
         cert = make_server_cert(self.tmp, ca_pem, ca_key)

@@ -39,8 +39,8 @@ import unittest
 import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from imapfixture import (Dovecot, Proxy, RawClient, imap_login, quote,  # noqa: E402
-                         FixtureError, wait_until)
+from imapfixture import (Dovecot, Proxy, RawClient, children_of, imap_login, quote,  # noqa: E402
+                         tail, wait_until, FixtureError)
 
 MESSAGES = 5
 MASTER_USER, MASTER_PW = 'master', 'masterpw'
@@ -51,10 +51,6 @@ FILTERABLE_PREFIX = ('AUTH=', 'COMPRESS=')
 # ... and of those, what must never be shown to a client.
 FORBIDDEN_EXACT = {'STARTTLS', 'LOGINDISABLED'}
 FORBIDDEN_PREFIX = ('COMPRESS=',)
-
-
-def tail(text, n=40):
-    return '\n'.join(text.splitlines()[-n:])
 
 
 def b64(data):
@@ -1434,21 +1430,15 @@ class Timeouts(FidelityTest):
 
     def _imap_children(self):
         """PIDs of this Dovecot's imap (post-login) processes."""
-        master = self.dc.proc.pid
         out = []
-        for d in os.listdir('/proc'):
-            if not d.isdigit():
-                continue
+        for pid in children_of(self.dc.proc.pid):
             try:
-                with open('/proc/%s/stat' % d) as f:
-                    st = f.read()
-                with open('/proc/%s/cmdline' % d, 'rb') as f:
+                with open('/proc/%d/cmdline' % pid, 'rb') as f:
                     cmd = f.read()
             except OSError:
                 continue
-            ppid = int(st[st.rindex(')') + 2:].split()[1])
-            if ppid == master and cmd.split(b'\0')[0].endswith(b'/imap'):
-                out.append(int(d))
+            if cmd.split(b'\0')[0].endswith(b'/imap'):
+                out.append(pid)
         return out
 
     def test_k3_backend_response_timeout(self):

@@ -31,7 +31,8 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from imapfixture import (Dovecot, Proxy, RawClient, imap_login, wait_until)  # noqa: E402
+from imapfixture import (Dovecot, Proxy, RawClient, imap_login, proc_cpu_seconds,  # noqa: E402
+                         proc_fd_count, wait_until)
 from test_core import ProxyTest  # noqa: E402
 import ipcwire  # noqa: E402
 
@@ -41,25 +42,6 @@ import ipcwire  # noqa: E402
 SAN = os.environ.get('IMAPPROXY_SAN') == '1'
 NO_AUTH_PENALTY = 'service anvil {\n  unix_listener anvil-auth-penalty {\n    mode = 0\n  }\n}\n'
 IDLE_CONNECTIONS = int(os.environ.get('HOSTILE_IDLE_CONNECTIONS') or (500 if SAN else 2000))
-
-
-def cpu_seconds(pid):
-    """utime + stime of a process, in seconds."""
-    with open('/proc/%d/stat' % pid) as f:
-        fields = f.read().rsplit(')', 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
-
-
-def fd_count(pid):
-    return len(os.listdir('/proc/%d/fd' % pid))
-
-
-def vm_rss_kb(pid):
-    with open('/proc/%d/status' % pid) as f:
-        for line in f:
-            if line.startswith('VmRSS:'):
-                return int(line.split()[1])
-    return 0
 
 
 def read_memory(pid, max_region=1 << 30):
@@ -298,7 +280,7 @@ class Hostile(ProxyTest):
         self.px.stop()
         self.start_proxy(fork_server=True, client_prelogin_timeout=120)
         bpid = self.px.broker.popen.pid
-        fds_before = fd_count(bpid)
+        fds_before = proc_fd_count(bpid)
         conns = []
         t0 = time.monotonic()
         try:
@@ -317,19 +299,20 @@ class Hostile(ProxyTest):
                     greeted += 1
             t_open = time.monotonic() - t0
             self.assertEqual(greeted, len(conns), 'greetings')
-            peers = fd_count(bpid) - fds_before
+            peers = proc_fd_count(bpid) - fds_before
             self.assertGreaterEqual(peers, IDLE_CONNECTIONS * 0.95,
                                     'broker peers while %d sessions wait' % IDLE_CONNECTIONS)
             t1 = time.monotonic()
             self.assertServes('with %d idle pre-login sessions' % IDLE_CONNECTIONS)
             t_login = time.monotonic() - t1
-            cpu0 = cpu_seconds(bpid)
+            cpu0 = proc_cpu_seconds(bpid)
             time.sleep(1.0)
-            cpu_idle = cpu_seconds(bpid) - cpu0
+            cpu_idle = proc_cpu_seconds(bpid) - cpu0
         finally:
             for s in conns:
                 s.close()
-        wait_until(lambda: fd_count(bpid) <= fds_before + 2, 30, 0.2, 'broker fds back to normal')
+        wait_until(lambda: proc_fd_count(bpid) <= fds_before + 2, 30, 0.2,
+                   'broker fds back to normal')
         print('    [d] %d pre-login connections open and greeted in %.1fs; broker +%d fds; '
               'login meanwhile %.2fs; broker CPU while they wait %.2fs/s'
               % (len(conns), t_open, peers, t_login, cpu_idle))
@@ -610,7 +593,7 @@ class Hostile(ProxyTest):
         it): sessions it cannot accept get NO [UNAVAILABLE] at LOGIN, the broker
         neither crashes nor spins, and it recovers when fds are free again."""
         bpid = self.px.broker.popen.pid
-        base = fd_count(bpid)
+        base = proc_fd_count(bpid)
         limit = base + 6
         orig = resource.prlimit(bpid, resource.RLIMIT_NOFILE)
         resource.prlimit(bpid, resource.RLIMIT_NOFILE, (limit, orig[1]))  # the soft limit only
@@ -619,9 +602,9 @@ class Hostile(ProxyTest):
             for i in range(20):
                 clients.append(self.rawc())
             time.sleep(0.5)
-            cpu0 = cpu_seconds(bpid)
+            cpu0 = proc_cpu_seconds(bpid)
             time.sleep(2.0)
-            cpu = cpu_seconds(bpid) - cpu0
+            cpu = proc_cpu_seconds(bpid) - cpu0
             answers = []
             for i, c in enumerate(clients):
                 _, tagged = c.login('alice', 'pw', tag='e%d' % i)
@@ -640,7 +623,7 @@ class Hostile(ProxyTest):
         print('    [i2] RLIMIT_NOFILE %d: %d logins OK, %d NO [UNAVAILABLE]; broker CPU %.2fs in 2 s'
               % (limit, len(ok), len(refused), cpu))
         self.assertIn('refusing sessions', self.px.broker_log())
-        wait_until(lambda: fd_count(bpid) <= base + 3, 10, 0.1, 'broker fds released')
+        wait_until(lambda: proc_fd_count(bpid) <= base + 3, 10, 0.1, 'broker fds released')
         self.assertServes('after fds were freed')
 
     def test_i3_max_peers_refusal(self):
@@ -668,7 +651,8 @@ class Hostile(ProxyTest):
         # The sessions exit, and the broker sees them go, a moment after their
         # clients closed: until then the cap still refuses.
         bpid = self.px.broker.popen.pid
-        wait_until(lambda: fd_count(bpid) < 40, 15, 0.1, 'the broker to see the sessions leave')
+        wait_until(lambda: proc_fd_count(bpid) < 40, 15, 0.1,
+                   'the broker to see the sessions leave')
         self.assertServes()
 
 

@@ -29,9 +29,9 @@ import tempfile
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from imapfixture import (REPO, SESSION, SOCKET_ACTIVATE, Dovecot, Proxy,  # noqa: E402
-                         RawClient, _Proc, free_port, imap_login, quote, tcp_listening,
-                         wait_until, FixtureError)
+from imapfixture import (REPO, SESSION, Dovecot, Proxy, RawClient, _Proc,  # noqa: E402
+                         free_port, imap_login, quote, read_log, socket_activate, tail,
+                         tcp_listening, wait_until, FixtureError)
 
 XINETD = shutil.which('xinetd') or '/usr/sbin/xinetd'
 SHIPPED_STANZA = os.path.join(REPO, 'units', 'xinetd', 'imapproxy')
@@ -42,18 +42,6 @@ DOVECOT_EXTRA = '''
 login_trusted_networks = 127.0.0.0/8
 imap_id_log = *
 '''
-
-
-def tail(text, n=40):
-    return '\n'.join(text.splitlines()[-n:])
-
-
-def read_text(path):
-    try:
-        with open(path, 'rb') as f:
-            return f.read().decode('utf-8', 'replace')
-    except OSError:
-        return ''
 
 
 # ------------------------------------------------------------------ /proc helpers
@@ -183,7 +171,7 @@ class LauncherTest(unittest.TestCase):
         self.dc.stop()
         crashes = self.px.crash_report() if self.px else []
         for name, path in self.logs:
-            for line in read_text(path).splitlines():
+            for line in read_log(path).splitlines():
                 if re.search(r'AddressSanitizer|LeakSanitizer|runtime error:|'
                              r'Segmentation fault|core dumped', line):
                     crashes.append('%s: %s' % (name, line))
@@ -203,7 +191,7 @@ class LauncherTest(unittest.TestCase):
             out.append('broker log:\n%s' % tail(self.px.broker_log()))
             out.append('session/listener log:\n%s' % tail(self.px.listener_log()))
         for name, path in self.logs:
-            out.append('%s (%s):\n%s' % (name, path, tail(read_text(path))))
+            out.append('%s (%s):\n%s' % (name, path, tail(read_log(path))))
         out.append('dovecot log:\n%s' % tail(self.dc.log()))
         for r in self.raws:
             out.append('raw transcript:\n%s' % r.dump())
@@ -221,24 +209,11 @@ class LauncherTest(unittest.TestCase):
         """systemd-socket-activate -a [--inetd] [extra_args] imapproxy-session, as the
         fixture's listener (so px.stop() and crash_report() cover it)."""
         px = self.px
-        for _ in range(attempts):
-            port = free_port()
-            argv = [SOCKET_ACTIVATE, '-l', '127.0.0.1:%d' % port, '-a'] + list(extra_args)
-            if inetd:
-                argv.append('--inetd')
-            argv += [os.path.abspath(SESSION), '-f', px.conf_path]
-            px.listener = _Proc(argv, px.listener_log_path, 'listener', env=env)
-            try:
-                wait_until(lambda: tcp_listening(port) or not px.listener.alive(), 10.0,
-                           what='systemd-socket-activate on %d' % port)
-            except FixtureError:
-                px.listener.stop()
-                raise
-            if px.listener.alive():
-                px.port = port
-                return port
-            px.listener.stop()
-        raise FixtureError('systemd-socket-activate did not listen:\n%s' % px.listener_log())
+        args = list(extra_args) + (['--inetd'] if inetd else []) + [
+            os.path.abspath(SESSION), '-f', px.conf_path]
+        px.port, px.listener = socket_activate(args, px.listener_log_path, 'listener', env=env,
+                                               attempts=attempts)
+        return px.port
 
     def raw(self, port, **kw):
         r = RawClient(port, **kw)
@@ -319,13 +294,13 @@ class LauncherTest(unittest.TestCase):
 
         def started():
             if not p.alive():
-                raise FixtureError('xinetd exited:\n%s\n%s' % (read_text(own_log), p.log()))
-            return 'Started working' in read_text(own_log)
+                raise FixtureError('xinetd exited:\n%s\n%s' % (read_log(own_log), p.log()))
+            return 'Started working' in read_log(own_log)
         wait_until(started, 10.0, what='xinetd to start (%s)' % own_log)
         try:  # xinetd binds before it says so: a port not listening by now never will
             wait_until(lambda: all(tcp_listening(x) for x in ports), 2.0)
         except FixtureError:
-            raise FixtureError('xinetd does not listen on %s; its log:\n%s' % (ports, read_text(own_log))) from None
+            raise FixtureError('xinetd does not listen on %s; its log:\n%s' % (ports, read_log(own_log))) from None
         return p, own_log
 
     def xinetd_service(self, name, port, server_args, env=None):
@@ -408,7 +383,7 @@ class Launchers(LauncherTest):
             self.xinetd_service('imapproxy-it', port, '-f ' + self.px.conf_path), ports=[port])
         self.double_login(port)
         self.double_login(port, user='bob')
-        self.assertNotRegex(read_text(own), r'(?m)ERROR|FAIL', 'xinetd own log')
+        self.assertNotRegex(read_log(own), r'(?m)ERROR|FAIL', 'xinetd own log')
 
     def test_l5_xinetd_no_log_text_to_client(self):
         """Under xinetd fd 2 is the client socket: with debug logging on and (second
@@ -523,7 +498,7 @@ class Launchers(LauncherTest):
             self.assertEqual(n, 1, 'the shipped stanza should set %s once' % key)
         self.assertRegex(text, r'(?m)^service \S+\s*$', 'the shipped stanza names a service')
         _, own = self.start_xinetd(text, name='xinetd-shipped', ports=[port])
-        log = read_text(own)
+        log = read_log(own)
         self.assertRegex(log, r'Started working: 1 available service\b', log)
         self.assertNotRegex(log, r'(?m)(ERROR|WARNING):', 'xinetd complains about the stanza:\n' + log)
         self.double_login(port)

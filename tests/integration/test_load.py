@@ -26,9 +26,9 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from imapfixture import Dovecot, RawClient, imap_login, wait_until  # noqa: E402
+from imapfixture import (Dovecot, RawClient, imap_login, proc_cpu_seconds,  # noqa: E402
+                         proc_fd_count, proc_rss_kb, wait_until)
 from test_core import ProxyTest  # noqa: E402
-from test_hostile import fd_count, vm_rss_kb, cpu_seconds  # noqa: E402
 import ipcwire  # noqa: E402
 
 SAN = os.environ.get('IMAPPROXY_SAN') == '1'
@@ -120,11 +120,12 @@ class Load(ProxyTest):
             t.join(600)
         t_fill = time.monotonic() - t0
         self.assertEqual(errors, [], 'filling the pool')
-        wait_until(lambda: fd_count(bpid) >= LOAD_POOLED, 30, 0.2, '%d pooled fds' % LOAD_POOLED)
+        wait_until(lambda: proc_fd_count(bpid) >= LOAD_POOLED, 30, 0.2,
+                   '%d pooled fds' % LOAD_POOLED)
         live = sum(self.dc.connections(u) for u in users)
         self.assertGreaterEqual(live, LOAD_POOLED, 'Dovecot sees the pooled connections')
-        rss_pooled = vm_rss_kb(bpid)
-        fds_pooled = fd_count(bpid)
+        rss_pooled = proc_rss_kb(bpid)
+        fds_pooled = proc_fd_count(bpid)
 
         # 2. LOAD_CLIENTS clients logged in at once, all from the pool, held.
         logins0 = self.dc.logins(settle=True)
@@ -149,7 +150,7 @@ class Load(ProxyTest):
                 errors.append('login %d: %r' % (i, e))
         t_login = time.monotonic() - t1
         self.assertEqual(errors[:5], [], '%d errors' % len(errors))
-        cpu0 = cpu_seconds(bpid)
+        cpu0 = proc_cpu_seconds(bpid)
         end = time.monotonic() + LOAD_HOLD
         rounds = 0
         while time.monotonic() < end:
@@ -160,7 +161,7 @@ class Load(ProxyTest):
                 if not tagged.startswith(b'N OK'):
                     errors.append('noop %d: %r' % (i, tagged))
             rounds += 1
-        cpu_hold = cpu_seconds(bpid) - cpu0
+        cpu_hold = proc_cpu_seconds(bpid) - cpu0
         for c in clients:
             c.send('S SELECT INBOX\r\nO LOGOUT\r\n')
         for i, c in enumerate(clients):
@@ -172,7 +173,8 @@ class Load(ProxyTest):
         self.assertEqual(reused, LOAD_CLIENTS, 'every client served from the pool')
         self.assertEqual(self.dc.logins(settle=True), logins0, 'no fresh backend login while the pool was full')
         self.assertTrue(self.px.broker.alive())
-        wait_until(lambda: fd_count(bpid) >= fds_pooled - 5, 30, 0.2, 'connections back in the pool')
+        wait_until(lambda: proc_fd_count(bpid) >= fds_pooled - 5, 30, 0.2,
+                   'connections back in the pool')
         print('    [load] %d pooled backend connections in %.1fs (%.0f/s); %d clients logged in at once '
               'in %.1fs, %d NOOP rounds over %.0fs; broker RSS %d MB with the pool full, %d fds, '
               'CPU %.2fs while held' % (LOAD_POOLED, t_fill, LOAD_POOLED / t_fill, LOAD_CLIENTS, t_login,
@@ -226,7 +228,7 @@ class Soak(ProxyTest):
                     stats['kicks'] += 1
 
         samples = []  # (t, rss_kb, fds)
-        fds_start = fd_count(bpid)
+        fds_start = proc_fd_count(bpid)
         threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
         threads.append(threading.Thread(target=kicker))
         t0 = time.monotonic()
@@ -236,15 +238,15 @@ class Soak(ProxyTest):
             while time.monotonic() - t0 < SOAK_SECONDS:
                 time.sleep(1.0)
                 self.assertTrue(self.px.broker.alive(), 'broker died during the soak')
-                samples.append((time.monotonic() - t0, vm_rss_kb(bpid), fd_count(bpid)))
+                samples.append((time.monotonic() - t0, proc_rss_kb(bpid), proc_fd_count(bpid)))
         finally:
             stop.set()
             for t in threads:
                 t.join(60)
         # The pool empties by expiry (2 s) once nothing uses it.
-        wait_until(lambda: fd_count(bpid) <= fds_start, 20, 0.2,
-                   'broker fds back to %d (now %d)' % (fds_start, fd_count(bpid)))
-        rss_end = vm_rss_kb(bpid)
+        wait_until(lambda: proc_fd_count(bpid) <= fds_start, 20, 0.2,
+                   'broker fds back to %d (now %d)' % (fds_start, proc_fd_count(bpid)))
+        rss_end = proc_rss_kb(bpid)
         warm = [s for s in samples if s[0] >= SOAK_SECONDS * 0.2] or samples
         rss_warm = warm[0][1]
         rss_max = max(s[1] for s in warm)
@@ -253,7 +255,7 @@ class Soak(ProxyTest):
               'broker VmRSS %d KB after warm-up, max %d KB, %d KB at the end; fds %d at start, '
               'max %d, %d at the end' % (SOAK_SECONDS, stats['logins'], stats['kicks'], stats['dropped'],
                                          len(stats['login_errors']), rss_warm, rss_max, rss_end,
-                                         fds_start, fds_max, fd_count(bpid)))
+                                         fds_start, fds_max, proc_fd_count(bpid)))
         self.assertEqual(stats['login_errors'][:5], [], 'logins failed during the soak')
         self.assertGreater(stats['logins'], SOAK_SECONDS * 2, 'the soak did too little to mean anything')
         self.assertGreater(stats['kicks'], 0)

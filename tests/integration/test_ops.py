@@ -38,8 +38,8 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from imapfixture import (BROKER, Proxy, RawClient, _Proc, free_port, imap_login,  # noqa: E402
-                         wait_until, FixtureError)
-from test_core import ProxyTest, tail  # noqa: E402
+                         tail, wait_until, FixtureError)
+from test_core import ProxyTest  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'common'))
 

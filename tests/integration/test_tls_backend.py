@@ -26,51 +26,24 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from imapfixture import (Dovecot, Proxy, RawClient, imap_login,  # noqa: E402
-                         FixtureError, session_pid_for, wait_until, BROKER)
+                         FixtureError, make_ca, make_cert, proc_fd_count, proc_rss_kb, session_pid_for, wait_until,
+                         tail, BROKER)
 
-CERTTOOL = shutil.which('certtool')
 SERVER_NAME = 'imap.test.example'
 LOGIN_LINE_RE = re.compile(r'imap-login: Info: Login: user=<([^>]*)>.*')
 
 
-def tail(text, n=40):
-    return '\n'.join(text.splitlines()[-n:])
-
-
-def certtool(*args):
-    subprocess.run([CERTTOOL] + list(args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                   timeout=30, check=True)
-
-
-def make_ca(d, name):
-    key, pem, tmpl = (os.path.join(d, name + ext) for ext in ('.key', '.pem', '.tmpl'))
-    with open(tmpl, 'w') as f:
-        f.write('cn = %s\nca\ncert_signing_key\nexpiration_days = 2\n' % name)
-    certtool('--generate-privkey', '--key-type=ecdsa', '--outfile', key)
-    certtool('--generate-self-signed', '--load-privkey', key, '--template', tmpl, '--outfile', pem)
-    return pem, key
-
-
 def make_server_cert(d, ca_pem, ca_key):
-    key, pem, tmpl = (os.path.join(d, 'server' + ext) for ext in ('.key', '.pem', '.tmpl'))
-    with open(tmpl, 'w') as f:
-        f.write('cn = %s\ndns_name = %s\nip_address = 127.0.0.1\nip_address = 127.0.0.2\n'
-                'tls_www_server\nsigning_key\nexpiration_days = 2\n' % (SERVER_NAME, SERVER_NAME))
-    certtool('--generate-privkey', '--key-type=ecdsa', '--outfile', key)
-    certtool('--generate-certificate', '--load-privkey', key, '--load-ca-certificate', ca_pem,
-             '--load-ca-privkey', ca_key, '--template', tmpl, '--outfile', pem)
+    pem, key = make_cert(d, 'server', ca_pem, ca_key,
+                         'cn = %s\ndns_name = %s\nip_address = 127.0.0.1\nip_address = 127.0.0.2\n'
+                         'tls_www_server\nsigning_key\nexpiration_days = 2\n' % (SERVER_NAME, SERVER_NAME))
     os.chmod(key, 0o644)  # read by Dovecot's login processes; a throw-away test key
     return pem, key
 
 
 def make_client_cert(d, ca_pem, ca_key, name):
-    key, pem, tmpl = (os.path.join(d, name + ext) for ext in ('.key', '.pem', '.tmpl'))
-    with open(tmpl, 'w') as f:
-        f.write('cn = %s\ntls_www_client\nsigning_key\nexpiration_days = 2\n' % name)
-    certtool('--generate-privkey', '--key-type=ecdsa', '--outfile', key)
-    certtool('--generate-certificate', '--load-privkey', key, '--load-ca-certificate', ca_pem,
-             '--load-ca-privkey', ca_key, '--template', tmpl, '--outfile', pem)
-    return pem, key
+    return make_cert(d, name, ca_pem, ca_key,
+                     'cn = %s\ntls_www_client\nsigning_key\nexpiration_days = 2\n' % name)
 
 
 class FakeServer:
@@ -193,7 +166,7 @@ def imap_noop(sock, tag=b'N1'):
 
 
 
-@unittest.skipUnless(CERTTOOL, 'certtool (gnutls-bin) is not installed')
+@unittest.skipUnless(shutil.which('certtool'), 'certtool (gnutls-bin) is not installed')
 class TlsBackendTest(unittest.TestCase):
     USERS = {'alice': 'pw', 'bob': 'bobpw'}
     _classtmp = None
@@ -281,9 +254,6 @@ class TlsBackendTest(unittest.TestCase):
             d[1] for d in data if isinstance(d, tuple)))
         self.assertEqual(m.logout()[0], 'BYE')
 
-    def broker_fds(self):
-        return len(os.listdir('/proc/%d/fd' % self.px.broker.pid))
-
     def expect_unavailable(self):
         r = self.rawc()
         _, tagged = r.login('alice', 'pw')
@@ -303,13 +273,6 @@ class TlsBackendTest(unittest.TestCase):
             f.write(msg)
         self.dc._chown(path)
         return msg
-
-    def broker_rss_kib(self):
-        with open('/proc/%d/status' % self.px.broker.pid) as f:
-            for line in f:
-                if line.startswith('VmRSS:'):
-                    return int(line.split()[1])
-        return 0
 
     # -- tests
 
@@ -418,12 +381,13 @@ class TlsBackendTest(unittest.TestCase):
         self.proxy(server_tls='starttls')
         self.session()
         wait_until(lambda: self.dc.connections('alice') == 1, what='one pooled connection')
-        fds = self.broker_fds()
+        fds = proc_fd_count(self.px.broker.pid)
         self.dc.kick('alice')
         self.dc.wait_logouts(1, 'alice')
         wait_until(lambda: 'closed while idle' in self.px.broker_log(), what='broker noticing the kick')
         # the socketpair and the TCP connection are gone too (3 fds per idle TLS connection)
-        wait_until(lambda: self.broker_fds() <= fds - 3, what='broker fds %d -> %d' % (fds, fds - 3))
+        wait_until(lambda: proc_fd_count(self.px.broker.pid) <= fds - 3,
+                   what='broker fds %d -> %d' % (fds, fds - 3))
         self.session(reused=False)
         self.assertEqual(self.tls_logins(), (2, 2))
 
@@ -454,7 +418,7 @@ class TlsBackendTest(unittest.TestCase):
         r.close()
         time.sleep(0.3)
         self.session()
-        fds = self.broker_fds()
+        fds = proc_fd_count(self.px.broker.pid)
         # a session killed while it holds the lent pair end: the relay closes the TLS side
         r = self.rawc()
         _, tagged = r.login('alice', 'pw', tag='K1')
@@ -466,7 +430,7 @@ class TlsBackendTest(unittest.TestCase):
         self.dc.wait_logouts(before + 1, 'alice', timeout=5)
         wait_until(lambda: 'went away holding the connection of alice' in self.px.broker_log(),
                    what='broker noticing the dead session')
-        wait_until(lambda: self.broker_fds() <= fds - 3, what='relay fds closed')
+        wait_until(lambda: proc_fd_count(self.px.broker.pid) <= fds - 3, what='relay fds closed')
         self.session(reused=False)
 
 
@@ -493,13 +457,13 @@ class TlsBackendTest(unittest.TestCase):
         r.command('S1', 'SELECT INBOX')
         _, tagged = r.command('S2', 'SEARCH LARGER 1000000')
         seq = int([u for u in _ if u.startswith(b'* SEARCH')][0].split()[2])
-        rss0 = self.broker_rss_kib()
+        rss0 = proc_rss_kb(self.px.broker.pid)
         r.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         r.send('F1 FETCH %d (BODY.PEEK[])\r\n' % seq)
         head = r.readline(timeout=10)
         self.assertRegex(head, rb'^\* %d FETCH \(BODY\[\] \{%d\}\r\n$' % (seq, len(msg)))
         time.sleep(1.5)  # not reading: everything backs up to Dovecot
-        grown = self.broker_rss_kib() - rss0
+        grown = proc_rss_kb(self.px.broker.pid) - rss0
         print('    [l] broker RSS growth while the client does not read: %d KiB' % grown)
         # Under ASan (make check's sanitizer pass) freed memory stays resident in
         # the allocator's quarantine, so RSS only bounds the buffering loosely.

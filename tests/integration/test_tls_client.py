@@ -40,44 +40,26 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from imapfixture import (BROKER, SESSION, SOCKET_ACTIVATE, Dovecot, Proxy, RawClient,  # noqa: E402
-                         _Proc, free_port, tcp_listening, wait_until, FixtureError)
+                         _Proc, certtool, free_port, make_ca, make_cert, socket_activate, tail,
+                         tcp_listening, wait_until)
 
 SESSION_TLS = os.environ.get('IMAPPROXY_SESSION_TLS') or os.path.join(
     os.path.dirname(SESSION), 'imapproxy-session-tls')
-CERTTOOL = shutil.which('certtool') or '/usr/bin/certtool'
 CURL = shutil.which('curl') or '/usr/bin/curl'
 MESSAGES = 3
 SHIPPED_TLS_STANZA = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'units', 'xinetd',
                                   'imapproxy-tls')
 
 
-def tail(text, n=40):
-    return '\n'.join(text.splitlines()[-n:])
-
-
 def make_pki(d):
     """A CA and a server certificate for 127.0.0.1/localhost (ECDSA), made by
     certtool; returns (ca, cert, key) paths."""
-    def tool(*args):
-        r = subprocess.run([CERTTOOL] + list(args), stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, timeout=60)
-        if r.returncode != 0:
-            raise FixtureError('certtool %s: %s' % (' '.join(args), r.stdout.decode(errors='replace')))
-    p = lambda n: os.path.join(d, n)  # noqa: E731
-    with open(p('ca.tmpl'), 'w') as f:
-        f.write('cn = "imapproxy test CA"\nca\ncert_signing_key\nexpiration_days = 2\n')
-    with open(p('srv.tmpl'), 'w') as f:
-        f.write('cn = "localhost"\ndns_name = "localhost"\nip_address = "127.0.0.1"\n'
-                'tls_www_server\nsigning_key\nencryption_key\nexpiration_days = 2\n')
-    tool('--generate-privkey', '--key-type=ecdsa', '--outfile', p('ca.key'))
-    tool('--generate-self-signed', '--load-privkey', p('ca.key'), '--template', p('ca.tmpl'),
-         '--outfile', p('ca.pem'))
-    tool('--generate-privkey', '--key-type=ecdsa', '--outfile', p('srv.key'))
-    tool('--generate-certificate', '--load-privkey', p('srv.key'), '--load-ca-certificate',
-         p('ca.pem'), '--load-ca-privkey', p('ca.key'), '--template', p('srv.tmpl'),
-         '--outfile', p('srv.pem'))
-    os.chmod(p('srv.key'), 0o644)  # the test's key; read by sessions that may run as another user
-    return p('ca.pem'), p('srv.pem'), p('srv.key')
+    ca, ca_key = make_ca(d, 'ca', cn='imapproxy test CA')
+    cert, key = make_cert(d, 'srv', ca, ca_key,
+                          'cn = "localhost"\ndns_name = "localhost"\nip_address = "127.0.0.1"\n'
+                          'tls_www_server\nsigning_key\nencryption_key\nexpiration_days = 2\n')
+    os.chmod(key, 0o644)  # the test's key; read by sessions that may run as another user
+    return ca, cert, key
 
 
 class TlsClientTest(unittest.TestCase):
@@ -173,24 +155,11 @@ class TlsClientTest(unittest.TestCase):
     def implicit_listener(self, name='implicit', fd3=True, program=None, args=()):
         """systemd-socket-activate -a [--inetd] running the TLS session directly
         (imapproxy-session-tls, LISTEN_FDS fd 3 by default): port 993's set-up."""
-        program = program or SESSION_TLS
-        for _ in range(5):
-            port = free_port()
-            argv = [SOCKET_ACTIVATE, '-l', '127.0.0.1:%d' % port, '-a']
-            if not fd3:
-                argv.append('--inetd')
-            argv += [os.path.abspath(program)] + list(args) + ['-f', self.px.conf_path]
-            p = _Proc(argv, os.path.join(self.tmp, '%s-%d.log' % (name, port)), name)
-            self.procs.append(p)
-            try:
-                wait_until(lambda: tcp_listening(port) or not p.alive(), 10.0, what='listener on %d' % port)
-            except FixtureError:
-                p.stop()
-                raise
-            if p.alive():
-                return port, p
-            p.stop()
-        raise FixtureError('no implicit-TLS listener')
+        argv = ([] if fd3 else ['--inetd']) + [os.path.abspath(program or SESSION_TLS)] + list(args)
+        port, p = socket_activate(argv + ['-f', self.px.conf_path],
+                                  os.path.join(self.tmp, name + '-{port}.log'), name)
+        self.procs.append(p)
+        return port, p
 
     def ctx(self, maxver=None):
         c = ssl.create_default_context(cafile=self.ca)
@@ -471,8 +440,7 @@ class TlsClientTest(unittest.TestCase):
         match it, or a priority string GnuTLS rejects, naming the key; a ticket key
         file of the wrong size is a warning."""
         other_key = os.path.join(self.tmp, 'other.key')
-        subprocess.run([CERTTOOL, '--generate-privkey', '--key-type=ecdsa', '--outfile', other_key],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+        certtool('--generate-privkey', '--key-type=ecdsa', '--outfile', other_key)
         short = os.path.join(self.tmp, 'short.key')
         with open(short, 'wb') as f:
             f.write(b'x' * 10)
