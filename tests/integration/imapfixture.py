@@ -12,6 +12,12 @@ every child runs in its own process group and the whole group is killed.
         ...
         px.stop(); dc.stop()
 
+Also what the tests share around them: IMAP clients (RawClient, imap_login),
+/proc inspection, network namespaces (NetNS), scripted backends (FakeBackend),
+test certificates made with certtool (make_ca, make_cert) and launchers
+(socket_activate). fixturecase.FixtureCase builds a test's set-up and
+tear-down on them.
+
 Environment overrides: IMAPPROXY_BROKER, IMAPPROXY_SESSION (binary paths),
 DOVECOT (dovecot binary), DOVEADM (doveadm binary).
 """

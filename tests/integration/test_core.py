@@ -17,102 +17,28 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from imapfixture import (Dovecot, Proxy, RawClient, imap_login, tail,  # noqa: E402
-                         FixtureError)
+from imapfixture import Dovecot, Proxy, imap_login, FixtureError  # noqa: E402
+from fixturecase import FixtureCase  # noqa: E402
 
 MESSAGES = 5
 
 
-class ProxyTest(unittest.TestCase):
-    """Fresh Dovecot + proxy per test. Subclasses/tests may set PROXY_CONF / USERS."""
+class ProxyTest(FixtureCase):
+    """Fresh Dovecot + proxy per test (fixturecase.FixtureCase does the set-up,
+    the stopping and the crash checks). Subclasses/tests may set PROXY_CONF / USERS."""
 
-    USERS = {'alice': 'pw', 'bob': 'bobpw'}
-    PROXY_CONF = {}
+    MESSAGES = MESSAGES
     START_PROXY = True
-    DOVECOT_EXTRA = ''
-    _tmpdirs = []
-
-    def setUp(self):
-        self.tmp = tempfile.mkdtemp(prefix='imapproxy-it-')
-        ProxyTest._tmpdirs.append(self.tmp)
-        self.dc = None
-        self.px = None
-        self.raw = []
-        self.dc = Dovecot(self.tmp, users=self.USERS, messages=MESSAGES, extra_conf=self.DOVECOT_EXTRA)
-        if self.START_PROXY:
-            self.px = self.start_proxy(**self.PROXY_CONF)
-
-    def start_proxy(self, **conf):
-        self.px = Proxy(self.tmp, self.dc, **conf)
-        return self.px
-
-    def tearDown(self):
-        for r in self.raw:
-            r.close()
-        rcs = self.px.stop() if self.px else {}
-        if self.dc:
-            self.dc.stop()
-        # Logs stay until the end of the class, so that the runner's diagnostics
-        # (called on failure) can still read them. Checked after stop(): a
-        # sanitizer build reports leaks at exit.
-        crashes = self.px.crash_report() if self.px else []
-        self.assertEqual(crashes, [], 'crash or sanitizer report in the proxy logs')
-        if self.px and self.px.killed_with is None:
-            self.assertEqual(rcs.get('broker'), 0, 'broker exit status after SIGTERM')
-
-    @classmethod
-    def tearDownClass(cls):
-        for d in ProxyTest._tmpdirs:
-            shutil.rmtree(d, ignore_errors=True)
-        ProxyTest._tmpdirs.clear()
-
-    def diagnostics(self):
-        out = []
-        if self.px:
-            out.append('broker log (%s):\n%s' % (self.px.broker_log_path, tail(self.px.broker_log())))
-            out.append('session/listener log:\n%s' % tail(self.px.listener_log()))
-        if self.dc:
-            out.append('dovecot log:\n%s' % tail(self.dc.log()))
-        for r in self.raw:
-            out.append('raw transcript:\n%s' % r.dump())
-        return '\n'.join(out)
-
-    # -- helpers
-
-    def rawc(self, **kw):
-        r = RawClient(self.px.port, **kw)
-        self.raw.append(r)
-        return r
 
     def login(self, user='alice', password=None):
+        """imaplib client logged in through the proxy; unlike imap(), the test
+        owns it (tearDown does not close it)."""
         return imap_login(self.px.port, user, password or self.USERS[user])
-
-    def select_fetch(self, m, n=MESSAGES):
-        typ, data = m.select('INBOX')
-        self.assertEqual(typ, 'OK', data)
-        self.assertEqual(int(data[0]), n, 'EXISTS after SELECT INBOX')
-        typ, data = m.fetch('1:*', '(FLAGS)')
-        self.assertEqual(typ, 'OK', data)
-        self.assertEqual(len([d for d in data if d]), n, data)
-
-    def assertReused(self, m, reused, what=''):
-        has = 'XPROXYREUSE' in m.untagged_responses
-        if reused:
-            self.assertTrue(has, '%s: expected `* OK [XPROXYREUSE]` before the LOGIN OK; untagged: %r'
-                            % (what, m.untagged_responses))
-        else:
-            self.assertFalse(has, '%s: unexpected XPROXYREUSE on a fresh backend login; untagged: %r'
-                             % (what, m.untagged_responses))
-
-    def logout(self, m):
-        typ, data = m.logout()
-        self.assertEqual(typ, 'BYE', data)
 
 
 class Core(ProxyTest):
@@ -171,7 +97,7 @@ class Core(ProxyTest):
     def test_c_wrong_password_with_pooled_connection(self):
         self.logout(self.login())
         self.assertEqual(self.dc.logins('alice'), 1)
-        r = self.rawc()
+        r = self.raw()
         untagged, tagged = r.login('alice', 'wrong-password', tag='c1')
         self.assertRegex(tagged, rb'^c1 NO \[AUTHENTICATIONFAILED\]', r.dump())
         self.assertFalse(any(b'XPROXYREUSE' in u for u in untagged), r.dump())
@@ -184,7 +110,7 @@ class Core(ProxyTest):
 
     def test_c2_retry_after_wrong_password_same_connection(self):
         self.logout(self.login())
-        r = self.rawc()
+        r = self.raw()
         _, tagged = r.login('alice', 'wrong-password', tag='c1')
         self.assertRegex(tagged, rb'^c1 NO \[AUTHENTICATIONFAILED\]', r.dump())
         untagged, tagged = r.login('alice', 'pw', tag='c2')
@@ -294,7 +220,7 @@ class Core(ProxyTest):
         self.assertEqual(len(pids), 1, pids)
         os.kill(pids[0], signal.SIGSTOP)
         try:
-            r = self.rawc()
+            r = self.raw()
             untagged, tagged = r.login('alice', 'pw', tag='a1')
             self.assertRegex(tagged, rb'^a1 OK', r.dump())
             self.assertTrue(any(u.startswith(b'* OK [XPROXYREUSE]') for u in untagged), r.dump())
@@ -312,7 +238,7 @@ class Core(ProxyTest):
 
     # (g) ---------------------------------------------------------------
     def test_g_logout_with_mailbox_selected(self):
-        r = self.rawc()
+        r = self.raw()
         _, tagged = r.login('alice', 'pw', tag='g1')
         self.assertRegex(tagged, rb'^g1 OK', r.dump())
         _, tagged = r.command('g2', 'SELECT INBOX')
@@ -327,7 +253,7 @@ class Core(ProxyTest):
                          % rest)
         self.assertNotIn(b'[CLOSED]', rest)
 
-        r = self.rawc()
+        r = self.raw()
         untagged, tagged = r.login('alice', 'pw', tag='h1')
         self.assertRegex(tagged, rb'^h1 OK', r.dump())
         self.assertTrue(any(u.startswith(b'* OK [XPROXYREUSE]') for u in untagged),
@@ -348,7 +274,7 @@ class Core(ProxyTest):
     def test_h_prelogin_robustness(self):
         self.px.stop()
         self.start_proxy(max_prelogin_line=1024)
-        r = self.rawc()
+        r = self.raw()
         self.assertRegex(r.greeting, rb'^\* OK \[CAPABILITY [^\]]*\bXIMAPPROXY\b[^\]]*\] ',
                          r.greeting)
         self.assertRegex(r.greeting, rb'\bIMAP4rev1\b', r.greeting)
@@ -381,19 +307,19 @@ class Core(ProxyTest):
                          'got %r' % got)
 
         # A line longer than max_prelogin_line: BAD, then the connection closes.
-        r2 = self.rawc()
+        r2 = self.raw()
         r2.send(b'l1 NOOP ' + b'x' * 3000 + b'\r\n')
         rest = r2.read_until_close(timeout=5)
         self.assertRegex(rest, rb'\A(l1|\*) BAD [^\r\n]*\r\n', 'over-long line: ' + r2.dump())
 
         # Over-long line without any CRLF at all.
-        r3 = self.rawc()
+        r3 = self.raw()
         r3.send(b'm1 ' + b'y' * 5000)
         rest = r3.read_until_close(timeout=5)
         self.assertRegex(rest, rb'\A(m1|\*) BAD ', 'over-long unterminated line: ' + r3.dump())
 
         # Pre-login LOGOUT
-        r4 = self.rawc()
+        r4 = self.raw()
         r4.send('z1 LOGOUT\r\n')
         rest = r4.read_until_close(timeout=5)
         self.assertRegex(rest, rb'\A\* BYE [^\r\n]*\r\nz1 OK [^\r\n]*\r\n\Z', rest)
@@ -407,7 +333,7 @@ class Core(ProxyTest):
     def test_h2_literal_login(self):
         """LOGIN with synchronising literals before login (used by real clients for
         passwords with special characters)."""
-        r = self.rawc()
+        r = self.raw()
         r.send(b'k1 LOGIN {5}\r\n')
         cont = r.readline()
         self.assertRegex(cont, rb'^\+', r.dump())
@@ -423,7 +349,7 @@ class Core(ProxyTest):
     def test_h3_prelogin_timeout(self):
         self.px.stop()
         self.start_proxy(client_prelogin_timeout=2)
-        r = self.rawc()
+        r = self.raw()
         t0 = time.monotonic()
         rest = r.read_until_close(timeout=6)
         dt = time.monotonic() - t0
@@ -440,7 +366,7 @@ class Core(ProxyTest):
         self.assertEqual(typ, 'OK', data)
         self.logout(m)
 
-        r = self.rawc()
+        r = self.raw()
         self.assertRegex(r.greeting, rb'^\* OK', 'greeting with the broker down: %r' % r.greeting)
         _, tagged = r.login('alice', 'pw', tag='i1')
         self.assertRegex(tagged, rb'^i1 NO \[UNAVAILABLE\]', r.dump())
@@ -520,7 +446,7 @@ class Core(ProxyTest):
     def test_m_client_vanishes_after_login(self):
         """A client that disconnects without LOGOUT must not break anything; its
         connection is either cleanly returned or dropped, and the next login works."""
-        r = self.rawc()
+        r = self.raw()
         _, tagged = r.login('alice', 'pw', tag='v1')
         self.assertRegex(tagged, rb'^v1 OK', r.dump())
         _, tagged = r.command('v2', 'SELECT INBOX')
@@ -538,7 +464,7 @@ class Core(ProxyTest):
     def test_m2_idle_and_literal_after_login(self):
         """IDLE/DONE and an APPEND with a literal relayed after login; the connection
         is still reusable afterwards."""
-        r = self.rawc()
+        r = self.raw()
         _, tagged = r.login('alice', 'pw', tag='n1')
         self.assertRegex(tagged, rb'^n1 OK', r.dump())
         _, tagged = r.command('n2', 'SELECT INBOX')
@@ -568,7 +494,7 @@ class Core(ProxyTest):
     def test_n_authenticate_plain_if_advertised(self):
         """If the proxy advertises AUTH=PLAIN, AUTHENTICATE PLAIN (with SASL-IR when
         advertised, and with a continuation) must work and reuse like LOGIN."""
-        r = self.rawc()
+        r = self.raw()
         caps = r.greeting.upper()
         if b'AUTH=PLAIN' not in caps:
             self.skipTest('proxy does not advertise AUTH=PLAIN: %r' % r.greeting)
@@ -582,7 +508,7 @@ class Core(ProxyTest):
         r.send('p2 LOGOUT\r\n')
         r.read_until_close()
         if b'SASL-IR' in caps:
-            r = self.rawc()
+            r = self.raw()
             untagged, tagged = r.command('p3', 'AUTHENTICATE PLAIN ' + cred.decode())
             self.assertRegex(tagged, rb'^p3 OK', r.dump())
             self.assertTrue(any(u.startswith(b'* OK [XPROXYREUSE]') for u in untagged), r.dump())
@@ -608,7 +534,7 @@ class Core(ProxyTest):
         typ, data = m.fetch('1', '(BODY.PEEK[HEADER.FIELDS (SUBJECT)])')
         self.assertIn(b'for alice', data[0][1])
         self.logout(m)
-        r = self.rawc()
+        r = self.raw()
         _, tagged = r.login('alice', 'bobpw', tag='o1')
         self.assertRegex(tagged, rb'^o1 NO ', r.dump())
         self.assertEqual(self.dc.logins(), 2)
@@ -652,7 +578,7 @@ class Core(ProxyTest):
 
     # (r) ---------------------------------------------------------------
     def test_r_pipelined_commands_then_logout(self):
-        r = self.rawc()
+        r = self.raw()
         _, tagged = r.login('alice', 'pw', tag='r1')
         self.assertRegex(tagged, rb'^r1 OK', r.dump())
         r.send(b'r2 NOOP\r\nr3 SELECT INBOX\r\nr4 FETCH 1:* (FLAGS)\r\nr5 LOGOUT\r\n')
@@ -669,7 +595,7 @@ class Core(ProxyTest):
     def test_s_pipelined_prelogin(self):
         """CAPABILITY, LOGIN and SELECT in one write: the SELECT queued behind LOGIN
         must reach the backend after the login."""
-        r = self.rawc()
+        r = self.raw()
         r.send(b's1 CAPABILITY\r\ns2 LOGIN alice pw\r\ns3 SELECT INBOX\r\n')
         _, t1 = r.read_tagged('s1')
         self.assertRegex(t1, rb'^s1 OK', r.dump())
@@ -683,7 +609,7 @@ class Core(ProxyTest):
     def test_t_enable_makes_connection_unreusable(self):
         """design.md section 4: ENABLE changes the connection state for good; such a
         connection must not be handed to the next session."""
-        r = self.rawc()
+        r = self.raw()
         _, tagged = r.login('alice', 'pw', tag='t1')
         self.assertRegex(tagged, rb'^t1 OK', r.dump())
         _, tagged = r.command('t2', 'ENABLE CONDSTORE')
@@ -699,7 +625,7 @@ class Core(ProxyTest):
     # (u) ---------------------------------------------------------------
     def test_u_login_syntax_variants(self):
         """LITERAL+ (advertised in the greeting) and quoted strings with escapes."""
-        r = self.rawc()
+        r = self.raw()
         if b'LITERAL+' in r.greeting.upper():
             r.send(b'u1 LOGIN {5+}\r\nalice {2+}\r\npw\r\n')
             _, tagged = r.read_tagged('u1')
@@ -723,7 +649,7 @@ class Core(ProxyTest):
     def test_v_kick_during_active_session(self):
         """Dovecot drops a lent connection: the client sees the server's BYE / EOF, the
         broker and the next login are fine."""
-        r = self.rawc()
+        r = self.raw()
         _, tagged = r.login('alice', 'pw', tag='v1')
         self.assertRegex(tagged, rb'^v1 OK', r.dump())
         _, tagged = r.command('v2', 'SELECT INBOX')

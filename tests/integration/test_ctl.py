@@ -11,18 +11,16 @@ line, as in test_core.
 
 import json
 import os
-import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import time
-import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from imapfixture import Dovecot, Proxy, RawClient, imap_login, tail, wait_until, REPO  # noqa: E402
+from imapfixture import Proxy, RawClient, imap_login, wait_until, REPO  # noqa: E402
+from fixturecase import FixtureCase  # noqa: E402
 
 CTL = os.environ.get('IMAPPROXYCTL') or os.path.join(REPO, 'ctl', 'imapproxyctl')
 ALICE_PW = 'Al1ce-S3cret'
@@ -38,38 +36,27 @@ def ipc_msg(mtype, payload):
     return struct.pack('<HHI', mtype, 0, len(payload)) + payload
 
 
-class CtlBase(unittest.TestCase):
+class CtlBase(FixtureCase):
+    """Dovecot + proxy per test (fixturecase.FixtureCase); the tests' own
+    subprocesses (self.children) are killed in tearDown."""
+
+    TMP_PREFIX = 'imapproxy-ctl-'
+    TMP_MODE = 0o711  # so that `nobody` can reach the broker socket
+    USERS = {'alice': ALICE_PW, 'bob': BOB_PW}
+    MESSAGES = 3
+    START_PROXY = True
     PROXY_CONF = {'login_failure_delay': 0}
-    _tmpdirs = []
 
     def setUp(self):
-        self.tmp = tempfile.mkdtemp(prefix='imapproxy-ctl-')
-        CtlBase._tmpdirs.append(self.tmp)
-        os.chmod(self.tmp, 0o711)  # so that `nobody` can reach the broker socket
-        self.px = None
-        self.procs = []
-        self.dc = Dovecot(self.tmp, users={'alice': ALICE_PW, 'bob': BOB_PW}, messages=3)
-        self.px = Proxy(self.tmp, self.dc, **self.PROXY_CONF)
+        self.children = []
+        super().setUp()
 
     def tearDown(self):
-        for p in self.procs:
+        for p in self.children:
             if p.poll() is None:
                 p.kill()
             p.wait()
-        rcs = self.px.stop() if self.px else {}
-        self.dc.stop()
-        self.assertEqual(self.px.crash_report(), [], 'crash in the proxy logs')
-        self.assertEqual(rcs.get('broker'), 0, 'broker exit status after SIGTERM')
-
-    @classmethod
-    def tearDownClass(cls):
-        for d in cls._tmpdirs:
-            shutil.rmtree(d, ignore_errors=True)
-        cls._tmpdirs.clear()
-
-    def diagnostics(self):
-        return 'broker log:\n%s\nsession log:\n%s\ndovecot log:\n%s' % (
-            tail(self.px.broker_log()), tail(self.px.listener_log()), tail(self.dc.log()))
+        super().tearDown()
 
     # -- helpers
 
@@ -213,7 +200,7 @@ class Ctl(CtlBase):
     def test_g_trace_shows_commands_without_the_password(self):
         tr = subprocess.Popen([CTL, '-f', self.px.conf_path, 'trace', 'alice'], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
-        self.procs.append(tr)
+        self.children.append(tr)
         self.assertIn('tracing alice', tr.stderr.readline())
         m = self.session('alice', ALICE_PW)
         m.fetch('1', '(BODY[])')

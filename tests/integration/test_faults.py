@@ -25,92 +25,52 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from imapfixture import (Dovecot, FakeBackend, FixtureError, NetNS, Proxy, RawClient,  # noqa: E402
+from imapfixture import (FakeBackend, FixtureError, NetNS, Proxy, RawClient,  # noqa: E402
                          children_of, fd_report, imap_login, make_ca, netns_available,
                          proc_cpu_seconds, proc_fds, proc_rss_kb, session_pid_for, tail, tcp_fds,
                          wait_until)
+from fixturecase import FixtureCase  # noqa: E402
 
 MESSAGES = 5
 
 
-class FaultTest(unittest.TestCase):
+class FaultTest(FixtureCase):
     """A fresh temp dir per test; tests start what they need through the helpers,
-    and tearDown stops all of it (also when the test failed half-way)."""
+    and tearDown (fixturecase.FixtureCase) stops all of it (also when the test
+    failed half-way); then a fake backend must have seen no behaviour errors."""
 
+    TMP_PREFIX = 'imapproxy-faults-'
     USERS = {'alice': 'pw', 'bob': 'bobpw', 'carol': 'cpw', 'dave': 'dpw'}
-    _tmpdirs = []
-
-    def setUp(self):
-        self.tmp = tempfile.mkdtemp(prefix='imapproxy-faults-')
-        FaultTest._tmpdirs.append(self.tmp)
-        self.dc = None
-        self.px = None
-        self.fake = None
-        self.ns = None
-        self.raw = []
-        self.expect_broker_killed = False
+    MESSAGES = MESSAGES
+    START_DOVECOT = False
+    BROKER_LOG_LINES = 60
 
     def tearDown(self):
-        for r in self.raw:
-            r.close()
-        rcs = self.px.stop() if self.px else {}
-        if self.fake:
-            self.fake.stop()
-        if self.dc:
-            self.dc.stop()
-        if self.ns:
-            self.ns.close()
-        crashes = self.px.crash_report() if self.px else []
-        self.assertEqual(crashes, [], 'crash or sanitizer report in the proxy logs')
-        if self.px and self.px.killed_with is None:
-            self.assertEqual(rcs.get('broker'), 0, 'broker exit status after SIGTERM')
+        super().tearDown()
         if self.fake:
             self.assertEqual(self.fake.errors, [], 'fake backend behaviour errors')
 
-    @classmethod
-    def tearDownClass(cls):
-        for d in FaultTest._tmpdirs:
-            shutil.rmtree(d, ignore_errors=True)
-        FaultTest._tmpdirs.clear()
-
     def diagnostics(self):
-        out = []
-        if self.px:
-            out.append('broker log:\n%s' % tail(self.px.broker_log(), 60))
-            out.append('session/listener log:\n%s' % tail(self.px.listener_log()))
-        if self.dc:
-            out.append('dovecot log:\n%s' % tail(self.dc.log()))
+        out = [super().diagnostics()]
         if self.ns and not self.ns.closed:
             try:
                 out.append('iptables in %s:\n%s' % (self.ns.name, self.ns.rules()))
             except FixtureError as e:
                 out.append(str(e))
-        for r in self.raw:
-            out.append('raw transcript:\n%s' % r.dump())
         return '\n'.join(out)
 
     # -- helpers
-
-    def start_dovecot(self, **kw):
-        self.dc = Dovecot(self.tmp, users=self.USERS, messages=MESSAGES, **kw)
-        return self.dc
 
     def start_proxy(self, backend=None, **conf):
         base = {'backend_timeout': 5, 'login_failure_delay': 0}
         base.update(conf)
         self.px = Proxy(self.tmp, backend or self.dc, **base)
         return self.px
-
-    def rawc(self, **kw):
-        r = RawClient(self.px.port, **kw)
-        self.raw.append(r)
-        return r
 
     def wait_probe(self, n=1, timeout=10):
         """The broker has learnt the backend's capabilities n times (once per start)."""
@@ -242,7 +202,7 @@ class BrokerCrash(FaultTest):
         try:
             for cycle in range(3):
                 # A session that holds a backend connection across the crash.
-                r = self.rawc(timeout=10)
+                r = self.raw(timeout=10)
                 self.assertLoginOK(r, 'alice', tag='H')
                 _, t = r.command('S', 'SELECT INBOX')
                 self.assertRegex(t, rb'^S OK ', r.dump())
@@ -257,7 +217,7 @@ class BrokerCrash(FaultTest):
                 era[0] += 1
                 self.px.kill_broker(signal.SIGKILL)
                 # New logins during the gap: a clean NO [UNAVAILABLE], at once.
-                g = self.rawc(timeout=10)
+                g = self.raw(timeout=10)
                 self.assertUnavailable(g, 'bob', tag='G', within=3)
                 g.close()
                 time.sleep(1.0)
@@ -321,7 +281,7 @@ class BrokerCrash(FaultTest):
         self.start_dovecot()
         self.start_proxy()
         self.wait_probe()
-        early = self.rawc()
+        early = self.raw()
         spid = session_pid_for(self.px.listener, early.sock)
         self.px.kill_broker(signal.SIGKILL)
         self.px.start_broker()
@@ -329,14 +289,14 @@ class BrokerCrash(FaultTest):
         self.assertLoginOK(early, 'alice')
         _, t = early.command('S', 'SELECT INBOX')
         self.assertRegex(t, rb'^S OK ', early.dump())
-        normal = self.rawc()
+        normal = self.raw()
         self.assertLoginOK(normal, 'bob')
         npid = session_pid_for(self.px.listener, normal.sock)
         self.assertEqual(sorted(proc_fds(spid)), sorted(proc_fds(npid)),
                          'fds of the session greeted before the crash vs. a fresh one')
         # A login during the gap, then after the restart, from one session.
         self.px.kill_broker(signal.SIGKILL)
-        gap = self.rawc()
+        gap = self.raw()
         gpid = session_pid_for(self.px.listener, gap.sock)
         self.assertUnavailable(gap, 'carol', tag='G1', within=3)
         self.assertUnavailable(gap, 'carol', tag='G2', within=3)
@@ -358,13 +318,13 @@ class BrokerCrash(FaultTest):
         self.start_dovecot(tls=make_server_cert(self.tmp, ca_pem, ca_key))
         self.start_proxy(server_tls='starttls', tls_ca_file=ca_pem)
         self.wait_probe()
-        lent = self.rawc(timeout=10)
+        lent = self.raw(timeout=10)
         self.assertLoginOK(lent, 'alice')
         _, t = lent.command('S', 'SELECT INBOX')
         self.assertRegex(t, rb'^S OK ', lent.dump())
         self.px.kill_broker(signal.SIGKILL)
         dt = self.assertEndsCleanly(lent, 5, 'TLS-relayed session when the broker died')
-        g = self.rawc()
+        g = self.raw()
         self.assertUnavailable(g, 'bob', within=3)
         self.px.start_broker()
         self.assertLoginOK(g, 'bob', tag='L2')
@@ -408,7 +368,7 @@ class SessionKill(FaultTest):
     def lent_session(self, user, reuse):
         """A client logged in through the proxy (on a pooled connection when reuse) and
         its session pid and backend connection (local address)."""
-        r = self.rawc(timeout=10)
+        r = self.raw(timeout=10)
         self.assertLoginOK(r, user, reused=reuse)
         spid = session_pid_for(self.px.listener, r.sock)
         back = tcp_fds(spid, self.dc.port)
@@ -507,11 +467,11 @@ class BackendRestart(FaultTest):
         self.assertTrue(self.visit('alice'))
         self.assertTrue(self.visit('bob'))
         self.assertEqual(len(self.broker_nonbackend_fds()[1]), 2)
-        carol = self.rawc(timeout=10)
+        carol = self.raw(timeout=10)
         self.assertLoginOK(carol, 'carol')
         _, t = carol.command('c1', 'SELECT INBOX')
         self.assertRegex(t, rb'^c1 OK', carol.dump())
-        dave = self.rawc(timeout=10)
+        dave = self.raw(timeout=10)
         self.assertLoginOK(dave, 'dave')
         _, t = dave.command('d1', 'SELECT INBOX')
         dave.send('d2 IDLE\r\n')
@@ -529,7 +489,7 @@ class BackendRestart(FaultTest):
         self.assertEqual(len(re.findall(r'connection of (alice|bob) closed while idle', log)), 2, tail(log))
         self.dc.start()
         for u in ('alice', 'bob', 'carol', 'dave'):
-            r = self.rawc()
+            r = self.raw()
             self.assertLoginOK(r, u, reused=False)
             _, t = r.command('Z', 'LOGOUT')
             self.assertRegex(t, rb'^Z OK', r.dump())
@@ -545,7 +505,7 @@ class BackendRestart(FaultTest):
         m = imap_login(self.dc.port, 'alice', self.USERS['alice'])
         m.append('INBOX', None, None, big)
         m.logout()
-        r = self.rawc(timeout=10)
+        r = self.raw(timeout=10)
         self.assertLoginOK(r, 'alice')
         _, t = r.command('S', 'SELECT INBOX')
         self.assertRegex(t, rb'^S OK ', r.dump())
@@ -602,7 +562,7 @@ class LinkCut(FaultTest):
 
     def after_heal(self, user):
         self.ns.heal()
-        r = self.rawc(timeout=10)
+        r = self.raw(timeout=10)
         self.assertLoginOK(r, user, reused=False)
         _, t = r.command('Z', 'LOGOUT')
         self.assertRegex(t, rb'^Z OK', r.dump())
@@ -613,7 +573,7 @@ class LinkCut(FaultTest):
         dt = self.wait_dropped('alice', LINK_TIMEOUT + 6)
         self.assertRegex(self.px.broker_log(), self.TIMEDOUT_LOG)
         # While the link stays cut, a login is refused within backend_timeout.
-        r = self.rawc(timeout=15)
+        r = self.raw(timeout=15)
         self.assertUnavailable(r, 'alice', within=4 + 3)
         self.after_heal('alice')
         print('    [d1] pooled connection behind DROP noticed after %.1fs' % dt)
@@ -623,7 +583,7 @@ class LinkCut(FaultTest):
         self.ns.cut(self.dc.port, 'reset')
         dt = self.wait_dropped('alice', LINK_TIMEOUT + 6)
         self.assertRegex(self.px.broker_log(), self.RESET_LOG)
-        r = self.rawc(timeout=15)
+        r = self.raw(timeout=15)
         self.assertUnavailable(r, 'alice', within=3)
         self.after_heal('alice')
         print('    [d2] pooled connection behind RST noticed after %.1fs' % dt)
@@ -631,9 +591,9 @@ class LinkCut(FaultTest):
     def test_d3_lent_link_dropped(self):
         """Lent: one client waits for a NOOP answer, one sits idle; both get a BYE and
         a close within the link timeout (backend_response_timeout is 60 s)."""
-        busy = self.rawc(timeout=10)
+        busy = self.raw(timeout=10)
         self.assertLoginOK(busy, 'alice')
-        quiet = self.rawc(timeout=10)
+        quiet = self.raw(timeout=10)
         self.assertLoginOK(quiet, 'bob')
         self.ns.cut(self.dc.port, 'drop')
         busy.send('N1 NOOP\r\n')
@@ -645,7 +605,7 @@ class LinkCut(FaultTest):
               % (dt_busy, dt_quiet))
 
     def test_d4_lent_link_reset(self):
-        busy = self.rawc(timeout=10)
+        busy = self.raw(timeout=10)
         self.assertLoginOK(busy, 'alice')
         self.ns.cut(self.dc.port, 'reset')
         busy.send('N1 NOOP\r\n')
@@ -662,7 +622,7 @@ class LinkCut(FaultTest):
         m.login('alice', self.USERS['alice'])
         m.append('INBOX', None, None, big)
         m.logout()
-        r = self.rawc(timeout=10)
+        r = self.raw(timeout=10)
         self.assertLoginOK(r, 'alice')
         _, t = r.command('S', 'SELECT INBOX')
         self.assertRegex(t, rb'^S OK ', r.dump())
@@ -741,7 +701,7 @@ class BadBackend(FaultTest):
     def serves_others(self, user='bob', check_fds=True):
         self.assertTrue(self.px.broker.alive(), 'the broker died')
         self.assertEqual(self.px.broker.pid, self.broker_pid)
-        r = self.rawc(timeout=10)
+        r = self.raw(timeout=10)
         self.assertLoginOK(r, user)
         _, t = r.command('S', 'SELECT INBOX')
         self.assertRegex(t, rb'^S OK ', r.dump())
@@ -753,7 +713,7 @@ class BadBackend(FaultTest):
 
     def no_fd_left(self):
         """No broker descriptor left behind by the faults once every client has gone."""
-        for c in self.raw:
+        for c in self.raws:
             c.close()
         wait_until(lambda: children_of(self.px.listener.pid) == [], 5, what='sessions to end')
         wait_until(lambda: fd_report(self.broker_pid, self.fake.port)['other'] == self.base_fds, 3,
@@ -768,7 +728,7 @@ class BadBackend(FaultTest):
             seen.append(c)
             behaviour(c)
         self.fake.push(wrapped)
-        r = self.rawc(timeout=15)
+        r = self.raw(timeout=15)
         dt = self.assertUnavailable(r, user, within=within)
         self.assertEqual(len(seen), 1, 'the broker did not connect to the fake backend')
         return r, seen[0], dt
@@ -810,7 +770,7 @@ class BadBackend(FaultTest):
             c.send(GREETING)
             c.wait_closed(30)
         self.fake.push(fn)
-        r = self.rawc(timeout=10)
+        r = self.raw(timeout=10)
         r.send('L LOGIN alice pw\r\n')
         wait_until(lambda: seen and b'LOGIN' in seen[0].received, 5, what='LOGIN at the fake backend')
         spid = session_pid_for(self.px.listener, r.sock)
@@ -871,12 +831,12 @@ class BadBackend(FaultTest):
             c.send(b'* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN ' + caps + b'] wide.\r\n')
             c.forward(self.dc.port, swallow_greeting=True)
         self.fake.push(wide)
-        r = self.rawc(timeout=10)
+        r = self.raw(timeout=10)
         _, t = r.login('alice', self.USERS['alice'], tag='W')
         self.assertRegex(t, rb'^W (OK|NO \[UNAVAILABLE\]) ', r.dump())
         # Whatever it learnt from that greeting, new sessions still greet and log in.
         self.serves_others()
-        g = self.rawc()
+        g = self.raw()
         self.assertLess(len(g.greeting), 8192, 'greeting of %d bytes' % len(g.greeting))
 
         # A list longer than the broker keeps (2 KB), short enough to be parsed: what
@@ -888,10 +848,10 @@ class BadBackend(FaultTest):
             c.send(b'* OK [CAPABILITY ' + b' '.join(sent) + b'] long.\r\n')
             c.forward(self.dc.port, swallow_greeting=True)
         self.fake.push(long)
-        r = self.rawc(timeout=10)
+        r = self.raw(timeout=10)
         _, t = r.login('alice', self.USERS['alice'], tag='W2')
         self.assertRegex(t, rb'^W2 OK ', r.dump())
-        g = self.rawc()
+        g = self.raw()
         shown = re.search(rb'\[CAPABILITY ([^\]]*)\]', g.greeting).group(1).split()
         ours = {b'XIMAPPROXY', b'AUTH=PLAIN', b'AUTH=LOGIN', b'SASL-IR', b'LITERAL+', b'ID', b'IDLE',
                 b'ENABLE', b'STARTTLS'}
@@ -908,13 +868,13 @@ class BadBackend(FaultTest):
             c.send(b'* OK [CAPABILITY IMAP4rev1 LITERAL+ AUTH=PLAIN X-' + fmt + b'] ' + fmt + b' ready.\r\n')
             c.forward(self.dc.port, swallow_greeting=True)
         self.fake.push(banner)
-        r = self.rawc(timeout=10)
+        r = self.raw(timeout=10)
         self.assertLoginOK(r, 'alice')
         _, t = r.command('Z', 'LOGOUT')
         self.assertRegex(t, rb'^Z OK', r.dump())
         # The broker took that greeting's capabilities as the server's: sessions
         # show them verbatim.
-        g = self.rawc()
+        g = self.raw()
         self.assertIn(b' X-' + fmt + b' ', g.greeting)
 
         def refuse(c):
@@ -970,7 +930,7 @@ class BadBackend(FaultTest):
             c.send(b'* 1 FETCH (BODY[] {1073741824}\r\n' + b'y' * 65536)
             c.wait_closed(30)
         self.fake.push(relay_lit)
-        r = self.rawc(timeout=10)
+        r = self.raw(timeout=10)
         self.assertLoginOK(r, 'alice')
         r.send('F FETCH 1 BODY[]\r\n')
         t0 = time.monotonic()
@@ -1001,7 +961,7 @@ class BadBackend(FaultTest):
             seen = []
             fn = junk_then(close)
             self.fake.push(lambda c, fn=fn: (seen.append(c), fn(c)))
-            r = self.rawc(timeout=10)
+            r = self.raw(timeout=10)
             self.assertLoginOK(r, user)
             r.send('N NOOP\r\n')
             try:
@@ -1037,7 +997,7 @@ class SlowFirstProbe(FaultTest):
         try:
             self.start_proxy(backend=None, server_port=fake.port)
             t0 = time.monotonic()
-            r = self.rawc(timeout=10)
+            r = self.raw(timeout=10)
             dt = time.monotonic() - t0
             self.assertRegex(r.greeting, rb'^\* OK \[CAPABILITY [^]]*\bIDLE\b',
                              'first greeting without the backend\'s capabilities: %r' % r.greeting)

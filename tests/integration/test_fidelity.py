@@ -33,14 +33,14 @@ import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 import unittest
 import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from imapfixture import (Dovecot, Proxy, RawClient, children_of, imap_login, quote,  # noqa: E402
-                         tail, wait_until, FixtureError)
+from imapfixture import (Proxy, children_of, imap_login, quote, read_log, tail,  # noqa: E402
+                         wait_until, FixtureError)
+from fixturecase import FixtureCase  # noqa: E402
 
 MESSAGES = 5
 MASTER_USER, MASTER_PW = 'master', 'masterpw'
@@ -109,36 +109,24 @@ def make_cert(directory):
     return cert, key
 
 
-class FidelityTest(unittest.TestCase):
+class FidelityTest(FixtureCase):
     """Fresh Dovecot per test (configured as described in the module docstring);
-    tests start the proxy themselves with the configuration they need."""
+    tests start the proxy themselves with the configuration they need.
+    fixturecase.FixtureCase stops everything and checks the proxy's logs."""
 
-    USERS = {'alice': 'pw', 'bob': 'bobpw'}
-    _tmpdirs = []
-    _classtmp = None
+    TMP_PREFIX = 'imapproxy-fid-'
+    TMP_MODE = 0o755
+    MESSAGES = MESSAGES
+    START_DOVECOT = False    # setUp starts it with the configuration below
+    RAW_TRANSCRIPTS = 4
     _cert = None
 
     @classmethod
     def setUpClass(cls):
-        cls._classtmp = tempfile.mkdtemp(prefix='imapproxy-fid-')
-        FidelityTest._tmpdirs.append(cls._classtmp)
-        os.chmod(cls._classtmp, 0o755)
-        cls._cert = make_cert(cls._classtmp)
-
-    @classmethod
-    def tearDownClass(cls):
-        for d in FidelityTest._tmpdirs:
-            shutil.rmtree(d, ignore_errors=True)
-        FidelityTest._tmpdirs.clear()
+        cls._cert = make_cert(cls.mkdtemp())
 
     def setUp(self):
-        self.tmp = tempfile.mkdtemp(prefix='imapproxy-fid-')
-        FidelityTest._tmpdirs.append(self.tmp)
-        self.dc = None
-        self.px = None
-        self.raws = []
-        self.imaps = []
-        os.chmod(self.tmp, 0o755)
+        super().setUp()
         master = os.path.join(self.tmp, 'master-users')
         with open(master, 'w') as f:
             f.write('%s:{PLAIN}%s::::::\n' % (MASTER_USER, MASTER_PW))
@@ -165,35 +153,13 @@ service anvil {
 ''' % master
         if self._cert:
             extra += 'ssl = yes\nssl_cert = <%s\nssl_key = <%s\n' % self._cert
-        self.dc = Dovecot(self.tmp, users=self.USERS, messages=MESSAGES, extra_conf=extra)
-
-    def tearDown(self):
-        for r in self.raws:
-            r.close()
-        for m in self.imaps:
-            try:
-                m.shutdown()
-            except OSError:
-                pass
-        rcs = self.px.stop() if self.px else {}
-        if self.dc:
-            self.dc.stop()
-        crashes = self.px.crash_report() if self.px else []
-        self.assertEqual(crashes, [], 'crash or sanitizer report in the proxy logs')
-        if self.px and self.px.killed_with is None:
-            self.assertEqual(rcs.get('broker'), 0, 'broker exit status after SIGTERM')
+        self.start_dovecot(extra_conf=extra)
 
     def diagnostics(self):
-        out = []
+        text = super().diagnostics()
         if self.px:
-            out.append('proxy config:\n%s' % open(self.px.conf_path).read())
-            out.append('broker log (%s):\n%s' % (self.px.broker_log_path, tail(self.px.broker_log())))
-            out.append('session/listener log:\n%s' % tail(self.px.listener_log()))
-        if self.dc:
-            out.append('dovecot log:\n%s' % tail(self.dc.log()))
-        for r in self.raws[-4:]:
-            out.append('raw transcript:\n%s' % r.dump())
-        return '\n'.join(out)
+            text = 'proxy config:\n%s\n%s' % (read_log(self.px.conf_path), text)
+        return text
 
     # ------------------------------------------------------------ helpers
 
@@ -218,18 +184,8 @@ service anvil {
             self.fail('the proxy did not start with configuration %r: %s' % (conf, e))
         return self.px
 
-    def raw(self, port=None, **kw):
-        r = RawClient(port or self.px.port, **kw)
-        self.raws.append(r)
-        return r
-
     def direct(self, **kw):
         return self.raw(port=self.dc.port, **kw)
-
-    def imap(self, user='alice', password=None, port=None):
-        m = imap_login(port or self.px.port, user, password or self.USERS[user])
-        self.imaps.append(m)
-        return m
 
     def login_ok(self, r, user='alice', password=None, tag='L1'):
         untagged, tagged = r.login(user, password or self.USERS[user], tag=tag)
@@ -241,10 +197,6 @@ service anvil {
         rest = r.read_until_close(timeout=10)
         self.assertRegex(rest, rb'\A\* BYE [^\r\n]*\r\n%s OK [^\r\n]*\r\n\Z' % tag.encode(),
                          'bytes after LOGOUT: %r' % rest[-300:])
-
-    def logout_imap(self, m):
-        typ, data = m.logout()
-        self.assertEqual(typ, 'BYE', data)
 
     def assertReuse(self, untagged, expected, what, r=None):
         got = is_reuse(untagged)
@@ -1031,7 +983,7 @@ class State(FidelityTest):
         ms = [self.imap() for _ in range(4)]
         self.assertEqual(self.dc.logins('alice'), 4)
         for m in ms:
-            self.logout_imap(m)
+            self.logout(m)
         try:
             self.dc.wait_logouts(2, 'alice', timeout=5)
         except FixtureError:
@@ -1044,7 +996,7 @@ class State(FidelityTest):
         self.assertEqual(['XPROXYREUSE' in m.untagged_responses for m in ms], [True, True, False],
                          'two reuse the pooled connections, the third logs in')
         for m in ms:
-            self.logout_imap(m)
+            self.logout(m)
         self.assertEqual(self.dc.logins('alice'), 5)
 
 
@@ -1534,7 +1486,7 @@ class RealClients(FidelityTest):
             m.send(b'DONE\r\n')
             typ, data = m._command_complete('IDLE', tag)
             self.assertEqual(typ, 'OK', data)
-            self.logout_imap(m)
+            self.logout(m)
         self.assertEqual(self.dc.logins('alice'), 1)
         self.assertEqual(sum(s.startswith('Subject: imaplib run') for s in self._direct_subjects()), 2)
 

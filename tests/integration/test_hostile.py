@@ -99,8 +99,8 @@ class Hostile(ProxyTest):
         silent one, and so is one that keeps sending complete NOOPs."""
         self.px.stop()
         self.start_proxy(client_prelogin_timeout=3)
-        trickle = self.rawc()
-        chatty = self.rawc()
+        trickle = self.raw()
+        chatty = self.raw()
         t0 = time.monotonic()
         closed = {}
         n = 0
@@ -138,7 +138,7 @@ class Hostile(ProxyTest):
         request, a crash or a hang; the same connection goes on where it can."""
         self.px.stop()
         self.start_proxy(login_failure_delay=100, login_max_failures=20)
-        r = self.rawc()
+        r = self.raw()
         cases = [
             # (bytes, the connection survives)
             (b'b1 LOGIN "alice\r\n', True),                        # unterminated quoted string
@@ -189,7 +189,7 @@ class Hostile(ProxyTest):
         self.assertEqual(self.dc.logins(), 0, 'a malformed login reached the backend as a login')
 
         # 1 MB line: BAD and the connection closes (max_prelogin_line 40960).
-        big = self.rawc()
+        big = self.raw()
         t0 = time.monotonic()
         try:
             big.send(b'm1 LOGIN alice ' + b'x' * (1 << 20) + b'\r\n')
@@ -200,7 +200,7 @@ class Hostile(ProxyTest):
         print('    [b] 1 MB line refused and closed in %.2fs' % (time.monotonic() - t0))
 
         # 1 MB of literal data announced with LITERAL+ beyond the pre-login cap.
-        lit = self.rawc()
+        lit = self.raw()
         lit.send(b'm2 LOGIN alice {1048576+}\r\n')
         got = lit.read_available(wait=0.5)
         self.assertRegex(got, rb'\A(m2|\*) BAD ', lit.dump())
@@ -216,7 +216,7 @@ class Hostile(ProxyTest):
                      b'x1 SEARCH ' + b'(' * 5000 + b'ALL' + b')' * 5000 + b'\r\n',
                      b'x1 NOOP\x00\r\n',
                      b'x1 SELECT "INBOX\r\n'):
-            r = self.rawc()
+            r = self.raw()
             _, tagged = r.login('alice', 'pw')
             self.assertRegex(tagged, rb'^L1 OK ', r.dump())
             r.send(data)
@@ -505,22 +505,22 @@ class Hostile(ProxyTest):
         plain = base64.b64encode(b'\0carol\0' + secret.encode()).decode()
         plain_wrong = base64.b64encode(b'\0carol\0' + wrong.encode()).decode()
         for round_ in range(2):
-            r = self.rawc()
+            r = self.raw()
             _, t = r.login('carol', secret)
             self.assertRegex(t, rb'^L1 OK', r.dump())
             r.command('o', 'LOGOUT')
-            r = self.rawc()
+            r = self.raw()
             _, t = r.command('a1', 'AUTHENTICATE PLAIN ' + plain)
             self.assertRegex(t, rb'^a1 OK', r.dump())
             r.command('o', 'LOGOUT')
-            r = self.rawc()
+            r = self.raw()
             r.send('a2 AUTHENTICATE PLAIN\r\n')
             r.readline()
             r.send(plain + '\r\n')
             _, t = r.read_tagged('a2')
             self.assertRegex(t, rb'^a2 OK', r.dump())
             r.command('o', 'LOGOUT')
-            r = self.rawc()
+            r = self.raw()
             r.send('a3 AUTHENTICATE LOGIN\r\n')
             r.readline()
             r.send(base64.b64encode(b'carol') + b'\r\n')
@@ -529,7 +529,7 @@ class Hostile(ProxyTest):
             _, t = r.read_tagged('a3')
             self.assertRegex(t, rb'^a3 OK', r.dump())
             r.command('o', 'LOGOUT')
-            r = self.rawc()
+            r = self.raw()
             _, t = r.login('carol', wrong)
             self.assertRegex(t, rb'^L1 NO', r.dump())
             _, t = r.command('a4', 'AUTHENTICATE PLAIN ' + plain_wrong)
@@ -576,7 +576,7 @@ class Hostile(ProxyTest):
         held = [self.login() for _ in range(3)]
         for m in held:
             self.assertEqual(m.select('INBOX')[0], 'OK')
-        r = self.rawc()
+        r = self.raw()
         t0 = time.monotonic()
         _, tagged = r.login('bob', 'bobpw')
         self.assertRegex(tagged, rb'^L1 NO \[UNAVAILABLE\]', r.dump())
@@ -600,7 +600,7 @@ class Hostile(ProxyTest):
         clients = []
         try:
             for i in range(20):
-                clients.append(self.rawc())
+                clients.append(self.raw())
             time.sleep(0.5)
             cpu0 = proc_cpu_seconds(bpid)
             time.sleep(2.0)
@@ -618,7 +618,7 @@ class Hostile(ProxyTest):
         finally:
             for c in clients:
                 c.close()
-            self.raw.clear()
+            self.raws.clear()
             resource.prlimit(bpid, resource.RLIMIT_NOFILE, orig)
         print('    [i2] RLIMIT_NOFILE %d: %d logins OK, %d NO [UNAVAILABLE]; broker CPU %.2fs in 2 s'
               % (limit, len(ok), len(refused), cpu))
@@ -632,7 +632,7 @@ class Hostile(ProxyTest):
         self.px.stop()
         px = LimitedProxy(self.tmp, self.dc, nofile=200, cache_size=100)
         self.px = px
-        clients = [self.rawc() for _ in range(60)]
+        clients = [self.raw() for _ in range(60)]
         answers = []
         for i, c in enumerate(clients):
             _, tagged = c.login('alice', 'pw', tag='p%d' % i)
@@ -644,7 +644,7 @@ class Hostile(ProxyTest):
         self.assertGreater(len(ok), 0, answers)
         for c in clients:
             c.close()
-        self.raw.clear()
+        self.raws.clear()
         self.assertIn('max_peers reached', self.px.broker_log())
         print('    [i3] RLIMIT_NOFILE 200, cache_size 100: %d sessions served, %d refused'
               % (len(ok), len(refused)))

@@ -21,17 +21,15 @@ import pwd
 import grp
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from imapfixture import (REPO, SESSION, Dovecot, Proxy, RawClient, _Proc,  # noqa: E402
-                         free_port, imap_login, quote, read_log, socket_activate, tail,
-                         tcp_listening, wait_until, FixtureError)
+from imapfixture import (REPO, SESSION, Proxy, _Proc, free_port, quote, read_log,  # noqa: E402
+                         socket_activate, tail, tcp_listening, wait_until, FixtureError)
+from fixturecase import FixtureCase  # noqa: E402
 
 XINETD = shutil.which('xinetd') or '/usr/sbin/xinetd'
 SHIPPED_STANZA = os.path.join(REPO, 'units', 'xinetd', 'imapproxy')
@@ -142,59 +140,32 @@ def imap_violations(data, tags):
 
 # ------------------------------------------------------------------ base
 
-class LauncherTest(unittest.TestCase):
-    USERS = {'alice': 'pw', 'bob': 'bobpw'}
-    _tmpdirs = []
+class LauncherTest(FixtureCase):
+    """Fresh Dovecot per test; the tests start the broker and their launchers.
+    fixturecase.FixtureCase stops everything (the launchers in self.procs) and
+    checks the logs: the proxy's, and those in self.logs."""
+
+    TMP_PREFIX = 'imapproxy-lt-'
+    MESSAGES = MESSAGES
+    DOVECOT_EXTRA = DOVECOT_EXTRA
 
     def setUp(self):
-        self.tmp = tempfile.mkdtemp(prefix='imapproxy-lt-')
-        LauncherTest._tmpdirs.append(self.tmp)
-        self.px = None
-        self.procs = []    # extra launchers (xinetd), stopped in tearDown
-        self.raws = []
-        self.imaps = []
-        self.logs = []     # (name, path) for diagnostics
-        self.dc = Dovecot(self.tmp, users=self.USERS, messages=MESSAGES,
-                          extra_conf=DOVECOT_EXTRA)
+        super().setUp()
+        self.logs = []     # (name, path) of the launchers' own logs
 
-    def tearDown(self):
-        for r in self.raws:
-            r.close()
-        for m in self.imaps:
-            try:
-                m.shutdown()
-            except OSError:
-                pass
-        for p in self.procs:
-            p.stop(signal.SIGTERM, 5.0)
-        rcs = self.px.stop() if self.px else {}
-        self.dc.stop()
-        crashes = self.px.crash_report() if self.px else []
+    def crash_lines(self):
+        crashes = super().crash_lines()
         for name, path in self.logs:
             for line in read_log(path).splitlines():
                 if re.search(r'AddressSanitizer|LeakSanitizer|runtime error:|'
                              r'Segmentation fault|core dumped', line):
                     crashes.append('%s: %s' % (name, line))
-        self.assertEqual(crashes, [], 'crash or sanitizer report in the proxy logs')
-        if self.px and self.px.broker and self.px.killed_with is None:
-            self.assertEqual(rcs.get('broker'), 0, 'broker exit status after SIGTERM')
-
-    @classmethod
-    def tearDownClass(cls):
-        for d in LauncherTest._tmpdirs:
-            shutil.rmtree(d, ignore_errors=True)
-        LauncherTest._tmpdirs.clear()
+        return crashes
 
     def diagnostics(self):
-        out = []
-        if self.px:
-            out.append('broker log:\n%s' % tail(self.px.broker_log()))
-            out.append('session/listener log:\n%s' % tail(self.px.listener_log()))
+        out = [super().diagnostics()]
         for name, path in self.logs:
             out.append('%s (%s):\n%s' % (name, path, tail(read_log(path))))
-        out.append('dovecot log:\n%s' % tail(self.dc.log()))
-        for r in self.raws:
-            out.append('raw transcript:\n%s' % r.dump())
         return '\n'.join(out)
 
     # -- helpers
@@ -215,39 +186,11 @@ class LauncherTest(unittest.TestCase):
                                                attempts=attempts)
         return px.port
 
-    def raw(self, port, **kw):
-        r = RawClient(port, **kw)
-        self.raws.append(r)
-        return r
-
-    def login(self, port, user='alice'):
-        m = imap_login(port, user, self.USERS[user])
-        self.imaps.append(m)
-        return m
-
-    def logout(self, m):
-        typ, data = m.logout()
-        self.assertEqual(typ, 'BYE', data)
-        self.imaps.remove(m)
-
-    def assertReused(self, m, reused, what):
-        has = 'XPROXYREUSE' in m.untagged_responses
-        self.assertEqual(has, reused, '%s: XPROXYREUSE %s expected; untagged: %r'
-                         % (what, 'was' if reused else 'was not', m.untagged_responses))
-
-    def select_fetch(self, m):
-        typ, data = m.select('INBOX')
-        self.assertEqual(typ, 'OK', data)
-        self.assertEqual(int(data[0]), MESSAGES, 'EXISTS after SELECT INBOX')
-        typ, data = m.fetch('1:*', '(FLAGS)')
-        self.assertEqual(typ, 'OK', data)
-        self.assertEqual(len([d for d in data if d]), MESSAGES, data)
-
     def double_login(self, port, user='alice', during_first=None):
         """Login, SELECT/FETCH, LOGOUT twice: one backend login, the second reused.
         during_first(m) runs while the first session is logged in."""
         base = self.dc.logins(user)
-        m = self.login(port, user)
+        m = self.imap(user, port=port)
         caps = [c.upper() for c in m.capabilities]
         self.assertIn('XIMAPPROXY', caps, 'greeting capabilities: not the proxy?')
         self.assertReused(m, False, 'first login')
@@ -256,7 +199,7 @@ class LauncherTest(unittest.TestCase):
         self.select_fetch(m)
         self.logout(m)
         self.assertEqual(self.dc.logins(user), base + 1, 'dovecot logins after the first session')
-        m = self.login(port, user)
+        m = self.imap(user, port=port)
         self.assertReused(m, True, 'second login')
         self.select_fetch(m)
         self.logout(m)

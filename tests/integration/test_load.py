@@ -26,7 +26,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from imapfixture import (Dovecot, RawClient, imap_login, proc_cpu_seconds,  # noqa: E402
+from imapfixture import (RawClient, imap_login, proc_cpu_seconds,  # noqa: E402
                          proc_fd_count, proc_rss_kb, wait_until)
 from test_core import ProxyTest  # noqa: E402
 import ipcwire  # noqa: E402
@@ -70,15 +70,11 @@ def raise_nofile(want):
 
 
 class Load(ProxyTest):
+    TMP_PREFIX = 'imapproxy-load-'
     START_PROXY = False
     USERS = {'load%d' % i: 'pw%d' % i for i in range(10)}
-
-    def setUp(self):
-        self.tmp = __import__('tempfile').mkdtemp(prefix='imapproxy-load-')
-        ProxyTest._tmpdirs.append(self.tmp)
-        self.raw = []
-        self.px = None
-        self.dc = Dovecot(self.tmp, users=self.USERS, messages=2, extra_conf=DOVECOT_MANY)
+    MESSAGES = 2
+    DOVECOT_EXTRA = DOVECOT_MANY
 
     def test_a_pooled_and_concurrent(self):
         need = LOAD_POOLED + 2 * LOAD_CLIENTS + 500

@@ -81,7 +81,7 @@ class DropIns(ProxyTest):
 
         m = self.login('alice')            # the broker reached Dovecot: 20-backend.conf won
         self.logout(m)
-        r = self.rawc()                    # the session read 30-session.conf: one failure ends it
+        r = self.raw()                    # the session read 30-session.conf: one failure ends it
         _, tagged = r.login('alice', 'wrong')
         self.assertTrue(tagged.startswith(b'L1 NO'), tagged)
         rest = r.read_until_close(timeout=10)
@@ -362,7 +362,7 @@ class Journal(ProxyTest):
         self.logout(m)
         m = self.login('alice')                  # hit
         self.logout(m)
-        r = self.rawc()                          # failure, a user name with a newline (literal)
+        r = self.raw()                          # failure, a user name with a newline (literal)
         r.send(b'f1 LOGIN {5}\r\n')
         r.readline()
         r.send(b'ev\nil "wrong"\r\n')

@@ -19,15 +19,14 @@ import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from imapfixture import (Dovecot, Proxy, RawClient, imap_login,  # noqa: E402
-                         FixtureError, make_ca, make_cert, proc_fd_count, proc_rss_kb, session_pid_for, wait_until,
-                         tail, BROKER)
+from imapfixture import (Proxy, imap_login, make_ca, make_cert, proc_fd_count,  # noqa: E402
+                         proc_rss_kb, session_pid_for, wait_until, FixtureError, BROKER)
+from fixturecase import FixtureCase  # noqa: E402
 
 SERVER_NAME = 'imap.test.example'
 LOGIN_LINE_RE = re.compile(r'imap-login: Info: Login: user=<([^>]*)>.*')
@@ -167,13 +166,18 @@ def imap_noop(sock, tag=b'N1'):
 
 
 @unittest.skipUnless(shutil.which('certtool'), 'certtool (gnutls-bin) is not installed')
-class TlsBackendTest(unittest.TestCase):
-    USERS = {'alice': 'pw', 'bob': 'bobpw'}
-    _classtmp = None
+class TlsBackendTest(FixtureCase):
+    """The tests start Dovecot (with the test CA's server certificate) and the
+    proxy themselves; fixturecase.FixtureCase stops them and checks the proxy's
+    logs. The temp directory goes at once: some tests put big messages in it."""
+
+    TMP_PREFIX = 'imapproxy-tlsb-'
+    MESSAGES = 3
+    START_DOVECOT = False
 
     @classmethod
     def setUpClass(cls):
-        cls._classtmp = tempfile.mkdtemp(prefix='imapproxy-tlsb-')
+        cls._classtmp = cls.mkdtemp()
         os.chmod(cls._classtmp, 0o755)
         cls.ca_pem, ca_key = make_ca(cls._classtmp, 'testca')
         cls.cert = make_server_cert(cls._classtmp, cls.ca_pem, ca_key)
@@ -184,57 +188,20 @@ class TlsBackendTest(unittest.TestCase):
         cls.client = make_client_cert(cls._classtmp, cls.client_ca_pem, client_ca_key, 'proxyclient')
         cls.other_client = make_client_cert(cls._classtmp, cls.client_ca_pem, client_ca_key, 'otherclient')
 
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls._classtmp, ignore_errors=True)
-
-    def setUp(self):
-        self.tmp = tempfile.mkdtemp(prefix='imapproxy-tlsb-')
-        self.dc = None
-        self.px = None
-        self.fake = None
-        self.raw = []
-
     def tearDown(self):
-        for r in self.raw:
-            r.close()
-        rcs = self.px.stop() if self.px else {}
-        if self.dc:
-            self.dc.stop()
-        if self.fake:
-            self.fake.stop()
-        crashes = self.px.crash_report() if self.px else []
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.assertEqual(crashes, [], 'crash or sanitizer report in the proxy logs')
-        if self.px and self.px.killed_with is None:
-            self.assertEqual(rcs.get('broker'), 0, 'broker exit status after SIGTERM')
-
-    def diagnostics(self):
-        out = []
-        if self.px:
-            out.append('broker log:\n%s' % tail(self.px.broker_log()))
-            out.append('session/listener log:\n%s' % tail(self.px.listener_log()))
-        if self.dc:
-            out.append('dovecot log:\n%s' % tail(self.dc.log()))
-        for r in self.raw:
-            out.append('raw transcript:\n%s' % r.dump())
-        return '\n'.join(out)
+        try:
+            super().tearDown()
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
     # -- helpers
 
-    def dovecot(self, **kw):
-        self.dc = Dovecot(self.tmp, users=self.USERS, messages=3, tls=self.cert, **kw)
-        return self.dc
+    def start_dovecot(self, **kw):
+        return super().start_dovecot(tls=self.cert, **kw)
 
-    def proxy(self, **conf):
+    def start_proxy(self, **conf):
         conf.setdefault('tls_ca_file', self.ca_pem)
-        self.px = Proxy(self.tmp, self.dc, **conf)
-        return self.px
-
-    def rawc(self):
-        r = RawClient(self.px.port)
-        self.raw.append(r)
-        return r
+        return super().start_proxy(**conf)
 
     def tls_logins(self, user='alice'):
         """(all, over TLS) Dovecot logins of user."""
@@ -255,7 +222,7 @@ class TlsBackendTest(unittest.TestCase):
         self.assertEqual(m.logout()[0], 'BYE')
 
     def expect_unavailable(self):
-        r = self.rawc()
+        r = self.raw()
         _, tagged = r.login('alice', 'pw')
         self.assertTrue(tagged.startswith(b'L1 NO [UNAVAILABLE]'), tagged)
         return tagged
@@ -278,21 +245,21 @@ class TlsBackendTest(unittest.TestCase):
 
     def test_a_starttls_verified_and_pooled(self):
         """server_tls starttls: one TLS login at Dovecot serves five client logins."""
-        self.dovecot()
-        self.proxy(server_tls='starttls')
+        self.start_dovecot()
+        self.start_proxy(server_tls='starttls')
         for i in range(5):
             self.session(reused=i > 0)
         self.assertEqual(self.tls_logins(), (1, 1), 'one Dovecot login, over TLS')
         self.assertIn('verifying the certificate for 127.0.0.1', self.px.broker_log())
         # the proxy's greeting shows what holds after STARTTLS: no STARTTLS, logins allowed
-        r = self.rawc()
+        r = self.raw()
         self.assertNotIn(b'STARTTLS', r.greeting)
         self.assertIn(b'AUTH=PLAIN', r.greeting)
 
     def test_b_implicit_tls_by_name_and_two_users(self):
         """server_tls implicit on the imaps port, certificate checked against tls_server_name."""
-        self.dovecot()
-        self.proxy(server_tls='implicit', server_port=self.dc.imaps_port, tls_server_name=SERVER_NAME)
+        self.start_dovecot()
+        self.start_proxy(server_tls='implicit', server_port=self.dc.imaps_port, tls_server_name=SERVER_NAME)
         for i in range(3):
             self.session('alice', reused=i > 0)
             self.session('bob', reused=i > 0)
@@ -300,8 +267,8 @@ class TlsBackendTest(unittest.TestCase):
         self.assertEqual(self.tls_logins('bob'), (1, 1))
 
     def test_c_wrong_hostname_refused(self):
-        self.dovecot()
-        self.proxy(server_tls='starttls', tls_server_name='mail.elsewhere.example')
+        self.start_dovecot()
+        self.start_proxy(server_tls='starttls', tls_server_name='mail.elsewhere.example')
         self.expect_unavailable()
         log = wait_until(lambda: 'TLS certificate verification failed' in self.px.broker_log()
                          and self.px.broker_log(), what='verification failure in the broker log')
@@ -310,8 +277,8 @@ class TlsBackendTest(unittest.TestCase):
         self.assertEqual(self.tls_logins(), (0, 0), 'no login may reach the server')
 
     def test_d_unknown_ca_refused(self):
-        self.dovecot()
-        self.proxy(server_tls='implicit', server_port=self.dc.imaps_port, tls_ca_file=self.rogue_ca_pem)
+        self.start_dovecot()
+        self.start_proxy(server_tls='implicit', server_port=self.dc.imaps_port, tls_ca_file=self.rogue_ca_pem)
         self.expect_unavailable()
         log = wait_until(lambda: 'TLS certificate verification failed' in self.px.broker_log()
                          and self.px.broker_log(), what='verification failure in the broker log')
@@ -323,11 +290,11 @@ class TlsBackendTest(unittest.TestCase):
         """server_tls none (the default), but Dovecot says LOGINDISABLED: STARTTLS anyway."""
         # Dovecot treats a client on its own address as secure; on 127.0.0.2, reached
         # from 127.0.0.1, ssl = required makes it say LOGINDISABLED.
-        self.dovecot(ssl='required', address='127.0.0.2')
+        self.start_dovecot(ssl='required', address='127.0.0.2')
         with socket.create_connection(('127.0.0.2', self.dc.port), timeout=5) as s:
             self.assertIn(b'LOGINDISABLED', s.recv(1024), 'fixture: Dovecot should say LOGINDISABLED')
-        self.proxy(server_hostname='127.0.0.2', tls_server_name=SERVER_NAME)
-        r = self.rawc()
+        self.start_proxy(server_hostname='127.0.0.2', tls_server_name=SERVER_NAME)
+        r = self.raw()
         self.assertNotIn(b'LOGINDISABLED', r.greeting)
         self.session(reused=False)
         self.session(reused=True)
@@ -340,7 +307,7 @@ class TlsBackendTest(unittest.TestCase):
             with self.subTest(**conf):
                 self.fake = FakeServer()
                 self.px = Proxy(self.tmp, None, server_port=self.fake.port, **conf)
-                r = self.rawc()
+                r = self.raw()
                 _, tagged = r.command('L1', 'LOGIN alice s3cretpassw0rd')
                 self.assertTrue(tagged.startswith(b'L1 NO'), tagged)
                 wait_until(lambda: 'does not offer STARTTLS' in self.px.broker_log(),
@@ -355,10 +322,10 @@ class TlsBackendTest(unittest.TestCase):
                 self.fake = None
 
     def test_g_50mb_fetch_through_the_relay(self):
-        self.dovecot()
+        self.start_dovecot()
         msg = self.big_message()
         want = hashlib.sha256(msg).hexdigest()
-        self.proxy(server_tls='starttls')
+        self.start_proxy(server_tls='starttls')
         for i in range(2):
             m = imap_login(self.px.port, 'alice', 'pw')
             typ, data = m.select('INBOX')
@@ -377,8 +344,8 @@ class TlsBackendTest(unittest.TestCase):
         self.assertEqual(self.tls_logins(), (1, 1), 'the second FETCH used the pooled connection')
 
     def test_h_kick_of_idle_tls_connection_noticed(self):
-        self.dovecot()
-        self.proxy(server_tls='starttls')
+        self.start_dovecot()
+        self.start_proxy(server_tls='starttls')
         self.session()
         wait_until(lambda: self.dc.connections('alice') == 1, what='one pooled connection')
         fds = proc_fd_count(self.px.broker.pid)
@@ -392,8 +359,8 @@ class TlsBackendTest(unittest.TestCase):
         self.assertEqual(self.tls_logins(), (2, 2))
 
     def test_i_expiry_and_dirty_checkin(self):
-        self.dovecot()
-        self.proxy(server_tls='starttls', cache_expiration_time=2)
+        self.start_dovecot()
+        self.start_proxy(server_tls='starttls', cache_expiration_time=2)
         self.session()
         t0 = time.monotonic()
         self.dc.wait_logouts(1, 'alice', timeout=8)
@@ -408,10 +375,10 @@ class TlsBackendTest(unittest.TestCase):
         self.assertEqual(self.tls_logins(), (3, 3))
 
     def test_j_session_dies_holding_a_tls_connection(self):
-        self.dovecot()
-        self.proxy(server_tls='starttls')
+        self.start_dovecot()
+        self.start_proxy(server_tls='starttls')
         # a client that vanishes mid-response: the next login still works
-        r = self.rawc()
+        r = self.raw()
         r.login('alice', 'pw')
         r.command('S1', 'SELECT INBOX')
         r.send('F1 FETCH 1:* (BODY.PEEK[])\r\n')
@@ -420,7 +387,7 @@ class TlsBackendTest(unittest.TestCase):
         self.session()
         fds = proc_fd_count(self.px.broker.pid)
         # a session killed while it holds the lent pair end: the relay closes the TLS side
-        r = self.rawc()
+        r = self.raw()
         _, tagged = r.login('alice', 'pw', tag='K1')
         self.assertTrue(tagged.startswith(b'K1 OK'), tagged)
         # this client's own session: earlier ones may still be exiting (slowly under ASan)
@@ -436,8 +403,8 @@ class TlsBackendTest(unittest.TestCase):
 
     def test_k_verification_off_is_loud(self):
         """tls_verify_server no: an unknown CA is accepted, and the log says so."""
-        self.dovecot()
-        self.proxy(server_tls='implicit', server_port=self.dc.imaps_port, tls_ca_file=self.rogue_ca_pem,
+        self.start_dovecot()
+        self.start_proxy(server_tls='implicit', server_port=self.dc.imaps_port, tls_ca_file=self.rogue_ca_pem,
                    tls_verify_server='no')
         self.session()
         log = self.px.broker_log()
@@ -449,10 +416,10 @@ class TlsBackendTest(unittest.TestCase):
     def test_l_slow_reader_backpressure(self):
         """A client that stops reading mid-FETCH: the relay stops reading the server
         (bounded buffers), the broker's memory does not grow, nothing is lost."""
-        self.dovecot()
+        self.start_dovecot()
         msg = self.big_message(20)
-        self.proxy(server_tls='starttls')
-        r = self.rawc()
+        self.start_proxy(server_tls='starttls')
+        r = self.raw()
         r.login('alice', 'pw')
         r.command('S1', 'SELECT INBOX')
         _, tagged = r.command('S2', 'SEARCH LARGER 1000000')
@@ -490,8 +457,8 @@ class TlsBackendTest(unittest.TestCase):
     def test_m_checkin_of_the_socketpair_end(self):
         """The broker lends one end of its relay's socketpair: only that very socket
         (SO_COOKIE) may come back; the right one is pooled and lent again."""
-        self.dovecot()
-        self.proxy(server_tls='starttls')
+        self.start_dovecot()
+        self.start_proxy(server_tls='starttls')
         fs = FakeSession(self.px.broker_socket)
         try:
             ticket, reused, a = fs.checkout('alice', 'pw')
@@ -520,7 +487,7 @@ class TlsBackendTest(unittest.TestCase):
 
     def client_cert_dovecot(self, **kw):
         """Dovecot that refuses every login without a certificate from clientca."""
-        return self.dovecot(tls_client_ca=self.client_ca_pem, **kw)
+        return self.start_dovecot(tls_client_ca=self.client_ca_pem, **kw)
 
     def test_n_client_cert_starttls_and_implicit_pooled(self):
         """Dovecot requires a client certificate: with tls_cert_file/tls_key_file the
@@ -530,7 +497,7 @@ class TlsBackendTest(unittest.TestCase):
                      {'server_tls': 'implicit', 'server_port': self.dc.imaps_port}):
             with self.subTest(**conf):
                 before = self.tls_logins()
-                self.proxy(tls_cert_file=self.client[0], tls_key_file=self.client[1], **conf)
+                self.start_proxy(tls_cert_file=self.client[0], tls_key_file=self.client[1], **conf)
                 self.assertIn('; with a client certificate', self.px.broker_log())
                 self.session(reused=False)
                 self.session(reused=True)
@@ -543,7 +510,7 @@ class TlsBackendTest(unittest.TestCase):
         both = os.path.join(self.tmp, 'both.pem')
         with open(both, 'w') as f:
             f.write(open(self.client[0]).read() + open(self.client[1]).read())
-        self.proxy(server_tls='starttls', tls_cert_file=both)
+        self.start_proxy(server_tls='starttls', tls_cert_file=both)
         self.session(reused=False)
 
     def test_o_client_cert_missing_refused_cleanly(self):
@@ -552,8 +519,8 @@ class TlsBackendTest(unittest.TestCase):
         for conf in ({'server_tls': 'starttls'},
                      {'server_tls': 'implicit', 'server_port': self.dc.imaps_port}):
             with self.subTest(**conf):
-                self.proxy(login_failure_delay=0, **conf)  # not 2 s per refusal
-                r = self.rawc()
+                self.start_proxy(login_failure_delay=0, **conf)  # not 2 s per refusal
+                r = self.raw()
                 _, tagged = r.login('alice', 'pw')
                 self.assertTrue(tagged.startswith(b'L1 NO'), tagged)
                 self.assertNotIn(b'pw', tagged)
@@ -566,13 +533,13 @@ class TlsBackendTest(unittest.TestCase):
                 self.assertRegex(log, r'login alice failed: .*(?i:valid SSL certificate)')
                 self.assertRegex(tagged, rb'(?i)certificate')
                 # the connection is still usable for the next client: same answer, no hang
-                r2 = self.rawc()
+                r2 = self.raw()
                 _, tagged = r2.login('alice', 'pw')
                 self.assertTrue(tagged.startswith(b'L1 NO'), tagged)
                 self.assertEqual(self.tls_logins(), (0, 0), 'no login got through')
                 r.close()
                 r2.close()
-                self.raw = []
+                self.raws = []
                 self.assertEqual(self.px.stop().get('broker'), 0)
                 self.px = None
 
@@ -618,7 +585,7 @@ class TlsBackendTest(unittest.TestCase):
         cannot reach a Dovecot that insists on TLS 1.3.  (Dovecot 2.3 cannot cap its
         highest version, so "Dovecot speaks only 1.2" is not testable here.)"""
         dbg = {'IMAPPROXY_LOG_LEVEL': 'debug'}
-        self.dovecot()
+        self.start_dovecot()
         # the default: TLS 1.3; tls_ciphers without 1.3: TLS 1.2 (so the check below can fail)
         for conf, want in (({}, 'TLS1.3'), ({'tls_ciphers': 'NORMAL:-VERS-TLS1.3'}, 'TLS1.2'),
                            ({'tls_no_tlsv1.2': 'yes'}, 'TLS1.3')):
@@ -633,8 +600,8 @@ class TlsBackendTest(unittest.TestCase):
         self.dc = None
         shutil.rmtree(self.tmp, ignore_errors=True)
         os.makedirs(self.tmp)
-        self.dovecot(extra_conf='ssl_min_protocol = TLSv1.3\n')
-        self.proxy(server_tls='starttls', tls_ciphers='NORMAL:-VERS-TLS1.3', broker_env=dbg)
+        self.start_dovecot(extra_conf='ssl_min_protocol = TLSv1.3\n')
+        self.start_proxy(server_tls='starttls', tls_ciphers='NORMAL:-VERS-TLS1.3', broker_env=dbg)
         tagged = self.expect_unavailable()
         log = wait_until(lambda: 'TLS handshake failed' in self.px.broker_log() and self.px.broker_log(),
                          what='handshake failure in the broker log')
@@ -643,7 +610,7 @@ class TlsBackendTest(unittest.TestCase):
         self.assertEqual(self.tls_logins(), (0, 0))
         self.assertEqual(self.px.stop().get('broker'), 0)
         self.px = None
-        self.proxy(server_tls='starttls', broker_env=dbg, **{'tls_no_tlsv1.2': 'yes'})
+        self.start_proxy(server_tls='starttls', broker_env=dbg, **{'tls_no_tlsv1.2': 'yes'})
         self.session(reused=False)
         self.assertTrue(self.tls_desc().startswith('(TLS1.3'), self.tls_desc())
 

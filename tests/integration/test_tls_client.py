@@ -29,19 +29,18 @@ import imaplib
 import os
 import re
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from imapfixture import (BROKER, SESSION, SOCKET_ACTIVATE, Dovecot, Proxy, RawClient,  # noqa: E402
-                         _Proc, certtool, free_port, make_ca, make_cert, socket_activate, tail,
+from imapfixture import (BROKER, SESSION, SOCKET_ACTIVATE, Proxy, RawClient, _Proc,  # noqa: E402
+                         certtool, free_port, make_ca, make_cert, socket_activate,
                          tcp_listening, wait_until)
+from fixturecase import FixtureCase  # noqa: E402
 
 SESSION_TLS = os.environ.get('IMAPPROXY_SESSION_TLS') or os.path.join(
     os.path.dirname(SESSION), 'imapproxy-session-tls')
@@ -62,13 +61,17 @@ def make_pki(d):
     return ca, cert, key
 
 
-class TlsClientTest(unittest.TestCase):
-    USERS = {'alice': 'pw', 'bob': 'bobpw'}
-    _tmpdirs = []
+class TlsClientTest(FixtureCase):
+    """Fresh Dovecot per test; the PKI and ticket key are made once per class.
+    fixturecase.FixtureCase stops everything (the implicit-TLS listeners in
+    self.procs) and checks the logs: the proxy's and the listeners'."""
+
+    TMP_PREFIX = 'imapproxy-tls-'
+    MESSAGES = MESSAGES
 
     @classmethod
     def setUpClass(cls):
-        cls.pki = tempfile.mkdtemp(prefix='imapproxy-pki-')
+        cls.pki = cls.mkdtemp('imapproxy-pki-')
         os.chmod(cls.pki, 0o755)
         cls.ca, cls.cert, cls.key = make_pki(cls.pki)
         cls.ticket_key = os.path.join(cls.pki, 'ticket.key')
@@ -84,60 +87,13 @@ class TlsClientTest(unittest.TestCase):
         with open(cls.ticket_key, 'rb') as f:
             return f.read()
 
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.pki, ignore_errors=True)
-        for d in TlsClientTest._tmpdirs:
-            shutil.rmtree(d, ignore_errors=True)
-        TlsClientTest._tmpdirs.clear()
-
-    def setUp(self):
-        self.tmp = tempfile.mkdtemp(prefix='imapproxy-tls-')
-        TlsClientTest._tmpdirs.append(self.tmp)
-        self.px = None
-        self.procs = []
-        self.raws = []
-        self.socks = []
-        self.imaps = []
-        self.dc = Dovecot(self.tmp, users=self.USERS, messages=MESSAGES)
-
-    def tearDown(self):
-        for r in self.raws:
-            r.close()
-        for s in self.socks:
-            try:
-                s.close()
-            except OSError:
-                pass
-        for m in self.imaps:
-            try:
-                m.shutdown()
-            except OSError:
-                pass
-        for p in self.procs:
-            p.stop(signal.SIGTERM, 5.0)
-        rcs = self.px.stop() if self.px else {}
-        self.dc.stop()
-        crashes = self.px.crash_report() if self.px else []
+    def crash_lines(self):
+        crashes = super().crash_lines()
         for p in self.procs:
             crashes += [l for l in p.log().splitlines()
                         if re.search(r'AddressSanitizer|runtime error:|Segmentation fault|'
                                      r'died with code (4|6|7|8|11|31)$', l)]
-        self.assertEqual(crashes, [], 'crash or sanitizer report in the proxy logs')
-        if self.px and self.px.broker:
-            self.assertEqual(rcs.get('broker'), 0, 'broker exit status after SIGTERM')
-
-    def diagnostics(self):
-        out = []
-        if self.px:
-            out.append('broker log:\n%s' % tail(self.px.broker_log()))
-            out.append('session/listener log:\n%s' % tail(self.px.listener_log()))
-        for p in self.procs:
-            out.append('%s log:\n%s' % (p.name, tail(p.log())))
-        out.append('dovecot log:\n%s' % tail(self.dc.log()))
-        for r in self.raws:
-            out.append('raw transcript:\n%s' % r.dump())
-        return '\n'.join(out)
+        return crashes
 
     # -- set-up helpers
 
@@ -146,11 +102,6 @@ class TlsClientTest(unittest.TestCase):
                 'listen_tls_ticket_key_file': self.ticket_key, 'login_failure_delay': 0}
         conf.update(extra)
         return conf
-
-    def proxy(self, **conf):
-        """Broker + systemd-socket-activate -a --inetd imapproxy-session (STARTTLS)."""
-        self.px = Proxy(self.tmp, self.dc, **conf)
-        return self.px
 
     def implicit_listener(self, name='implicit', fd3=True, program=None, args=()):
         """systemd-socket-activate -a [--inetd] running the TLS session directly
@@ -205,7 +156,7 @@ class TlsClientTest(unittest.TestCase):
         certificate; after the handshake CAPABILITY shows no STARTTLS but the
         AUTH= mechanisms; a second STARTTLS gets BAD; two logins through to Dovecot,
         the second reuses the pooled connection."""
-        self.proxy(**self.tls_conf())
+        self.start_proxy(**self.tls_conf())
         for i in range(2):
             m, before = self.starttls_client(self.px.port)
             self.assertIn('STARTTLS', before)
@@ -225,7 +176,7 @@ class TlsClientTest(unittest.TestCase):
         """Implicit TLS: imapproxy-session-tls on LISTEN_FDS fd 3, and the plaintext
         program with --implicit-tls under --inetd (it execs the TLS program); the
         greeting comes over TLS without STARTTLS; logins reuse the pool."""
-        self.proxy(**self.tls_conf())
+        self.start_proxy(**self.tls_conf())
         p_tls, _ = self.implicit_listener('implicit-fd3')
         p_flag, _ = self.implicit_listener('implicit-flag', fd3=False, program=SESSION,
                                            args=['--implicit-tls'])
@@ -242,7 +193,7 @@ class TlsClientTest(unittest.TestCase):
     def test_t3_curl_imaps_and_starttls(self):
         """curl imaps:// (implicit TLS) and curl --ssl-reqd imap:// (STARTTLS) fetch
         message 1 through the proxy; one Dovecot login serves both."""
-        self.proxy(**self.tls_conf())
+        self.start_proxy(**self.tls_conf())
         p_tls, _ = self.implicit_listener()
         for url, extra in (('imaps://127.0.0.1:%d/INBOX;UID=1' % p_tls, []),
                            ('imap://127.0.0.1:%d/INBOX;UID=1' % self.px.port, ['--ssl-reqd'])):
@@ -260,7 +211,7 @@ class TlsClientTest(unittest.TestCase):
         """login_requires_tls: before TLS, LOGINDISABLED and STARTTLS, no AUTH=;
         LOGIN and AUTHENTICATE get NO [PRIVACYREQUIRED] and reach nobody; after
         STARTTLS the login works."""
-        self.proxy(**self.tls_conf(login_requires_tls='yes'))
+        self.start_proxy(**self.tls_conf(login_requires_tls='yes'))
         r = RawClient(self.px.port)
         self.raws.append(r)
         caps = r.greeting.decode().upper()
@@ -289,7 +240,7 @@ class TlsClientTest(unittest.TestCase):
 
     def test_t5_no_certificate_no_starttls(self):
         """Without listen_tls_cert_file STARTTLS is neither advertised nor accepted."""
-        self.proxy()
+        self.start_proxy()
         r = RawClient(self.px.port)
         self.raws.append(r)
         self.assertNotIn(b'STARTTLS', r.greeting.upper())
@@ -305,7 +256,7 @@ class TlsClientTest(unittest.TestCase):
         """"a STARTTLS\\r\\nb LOGIN alice pw\\r\\n" in one write: a gets OK, b is
         dropped: after the handshake nothing answers b, the session is still not
         logged in, and Dovecot saw no login."""
-        self.proxy(**self.tls_conf())
+        self.start_proxy(**self.tls_conf())
         sock = socket.create_connection(('127.0.0.1', self.px.port), timeout=10)
         self.socks.append(sock)
         f = b''
@@ -386,7 +337,7 @@ class TlsClientTest(unittest.TestCase):
         1.2, and STARTTLS; a new master key (rotation) refuses older tickets;
         control: without the key file each process has its own ticket key and
         nothing resumes."""
-        self.proxy(**self.tls_conf())
+        self.start_proxy(**self.tls_conf())
         p_tls, proc = self.implicit_listener()
         self.assertEqual(self.resume_pair(p_tls, self.ctx()), (False, True), 'TLS 1.3 implicit')
         self.assertEqual(self.resume_pair(p_tls, self.ctx(ssl.TLSVersion.TLSv1_2)), (False, True),
@@ -479,7 +430,7 @@ class TlsClientTest(unittest.TestCase):
     def test_t8_large_message_through_tls(self):
         """A 3 MB message APPENDed through client TLS and FETCHed back intact
         (both directions: the relay reads and writes many TLS records)."""
-        self.proxy(**self.tls_conf())
+        self.start_proxy(**self.tls_conf())
         p_tls, _ = self.implicit_listener()
         line = b'0123456789abcdefghijklmnopqrstuvwxyz' * 2 + b'\r\n'
         body = (b'From: big@example.org\r\nSubject: big one\r\n\r\n' +
