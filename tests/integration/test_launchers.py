@@ -217,6 +217,19 @@ class LauncherTest(FixtureCase):
             return 'root', 'root'
         return pwd.getpwuid(os.getuid()).pw_name, grp.getgrgid(os.getgid()).gr_name
 
+    def shipped_stanza(self, path, server, port):
+        """The shipped xinetd stanza at path with port, bind, user, group, server and
+        server_args set for this test (each must be set exactly once there)."""
+        user, group = self.xinetd_names()
+        with open(path) as f:
+            text = f.read()
+        subst = {'port': str(port), 'bind': '127.0.0.1', 'user': user, 'group': group,
+                 'server': os.path.abspath(server), 'server_args': '-f ' + self.px.conf_path}
+        for key, value in subst.items():
+            text, n = re.subn(r'(?m)^(\s*%s\s*=\s*).*$' % key, lambda m: m.group(1) + value, text)
+            self.assertEqual(n, 1, 'the shipped stanza should set %s once' % key)
+        return text
+
     def start_xinetd(self, services, name='xinetd', ports=()):
         """xinetd -dontfork with a private config: a defaults section (service log to
         a file) and the given service stanzas. Returns (proc, own log path)."""
@@ -431,14 +444,7 @@ class Launchers(LauncherTest):
         logins."""
         self.broker_only()
         port = free_port()
-        user, group = self.xinetd_names()
-        with open(SHIPPED_STANZA) as f:
-            text = f.read()
-        subst = {'port': str(port), 'bind': '127.0.0.1', 'user': user, 'group': group,
-                 'server': os.path.abspath(SESSION), 'server_args': '-f ' + self.px.conf_path}
-        for key, value in subst.items():
-            text, n = re.subn(r'(?m)^(\s*%s\s*=\s*).*$' % key, lambda m: m.group(1) + value, text)
-            self.assertEqual(n, 1, 'the shipped stanza should set %s once' % key)
+        text = self.shipped_stanza(SHIPPED_STANZA, SESSION, port)
         self.assertRegex(text, r'(?m)^service \S+\s*$', 'the shipped stanza names a service')
         _, own = self.start_xinetd(text, name='xinetd-shipped', ports=[port])
         log = read_log(own)

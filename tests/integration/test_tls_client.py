@@ -463,14 +463,7 @@ class TlsXinetd(LauncherTest):
         ca, cert, key = make_pki(self.tmp)
         self.broker_only(listen_tls_cert_file=cert, listen_tls_key_file=key)
         port = free_port()
-        user, group = self.xinetd_names()
-        with open(SHIPPED_TLS_STANZA) as f:
-            text = f.read()
-        subst = {'port': str(port), 'bind': '127.0.0.1', 'user': user, 'group': group,
-                 'server': os.path.abspath(SESSION_TLS), 'server_args': '-f ' + self.px.conf_path}
-        for key_, value in subst.items():
-            text, n = re.subn(r'(?m)^(\s*%s\s*=\s*).*$' % key_, lambda m: m.group(1) + value, text)
-            self.assertEqual(n, 1, 'the shipped stanza should set %s once' % key_)
+        text = self.shipped_stanza(SHIPPED_TLS_STANZA, SESSION_TLS, port)
         _, own = self.start_xinetd(text, name='xinetd-tls', ports=[port])
         log = open(own).read()
         self.assertRegex(log, r'Started working: 1 available service\b', log)
