@@ -495,8 +495,10 @@ class Hostile(ProxyTest):
         with open('/proc/%d/smaps' % self.px.broker.popen.pid) as f:
             for ln in f:
                 if ln.startswith('VmFlags:'):
-                    # anonymous ones only: the kernel's [vvar] pages have dd too
-                    if 'dd' in ln.split()[1:] and len(mapping) == 5:
+                    # anonymous ones only (the kernel's [vvar] pages have dd too),
+                    # and not MAP_NORESERVE ones ("nr": ASan's shadow memory)
+                    fl = ln.split()[1:]
+                    if 'dd' in fl and 'nr' not in fl and len(mapping) == 5:
                         dontdump.append(mapping[0])
                 elif not ln.split()[0].endswith(':'):
                     mapping = ln.split()
