@@ -979,6 +979,26 @@ def proc_cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
 
 
+def read_memory(pid, max_region=1 << 30):
+    """Every readable private/anonymous mapping of pid (skipping huge reserved
+    regions such as ASan's shadow), as one list of (name, bytes)."""
+    out = []
+    with open('/proc/%d/maps' % pid) as maps, open('/proc/%d/mem' % pid, 'rb', 0) as mem:
+        for line in maps:
+            parts = line.split()
+            lo, hi = (int(x, 16) for x in parts[0].split('-'))
+            perms = parts[1]
+            name = parts[5] if len(parts) > 5 else '[anon]'
+            if 'r' not in perms or hi - lo > max_region or name in ('[vvar]', '[vsyscall]'):
+                continue
+            try:
+                mem.seek(lo)
+                out.append((name, mem.read(hi - lo)))
+            except (OSError, ValueError, OverflowError):
+                continue  # unreadable (guard pages, PROT_NONE parts)
+    return out
+
+
 def proc_fd_count(pid):
     """Number of open descriptors of a process."""
     return len(os.listdir('/proc/%d/fd' % pid))

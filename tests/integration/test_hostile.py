@@ -32,7 +32,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from imapfixture import (Dovecot, Proxy, RawClient, imap_login, proc_cpu_seconds,  # noqa: E402
-                         proc_fd_count, wait_until)
+                         proc_fd_count, read_memory, wait_until)
 from test_core import ProxyTest  # noqa: E402
 import ipcwire  # noqa: E402
 
@@ -42,26 +42,6 @@ import ipcwire  # noqa: E402
 SAN = os.environ.get('IMAPPROXY_SAN') == '1'
 NO_AUTH_PENALTY = 'service anvil {\n  unix_listener anvil-auth-penalty {\n    mode = 0\n  }\n}\n'
 IDLE_CONNECTIONS = int(os.environ.get('HOSTILE_IDLE_CONNECTIONS') or (500 if SAN else 2000))
-
-
-def read_memory(pid, max_region=1 << 30):
-    """Every readable private/anonymous mapping of pid (skipping huge reserved
-    regions such as ASan's shadow), as one list of (name, bytes)."""
-    out = []
-    with open('/proc/%d/maps' % pid) as maps, open('/proc/%d/mem' % pid, 'rb', 0) as mem:
-        for line in maps:
-            parts = line.split()
-            lo, hi = (int(x, 16) for x in parts[0].split('-'))
-            perms = parts[1]
-            name = parts[5] if len(parts) > 5 else '[anon]'
-            if 'r' not in perms or hi - lo > max_region or name in ('[vvar]', '[vsyscall]'):
-                continue
-            try:
-                mem.seek(lo)
-                out.append((name, mem.read(hi - lo)))
-            except (OSError, ValueError, OverflowError):
-                continue  # unreadable (guard pages, PROT_NONE parts)
-    return out
 
 
 class Hostile(ProxyTest):

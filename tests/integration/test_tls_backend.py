@@ -25,7 +25,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from imapfixture import (Proxy, imap_login, make_ca, make_cert, proc_fd_count,  # noqa: E402
-                         proc_rss_kb, session_pid_for, wait_until, FixtureError, BROKER)
+                         proc_rss_kb, read_memory, session_pid_for, wait_until, FixtureError, BROKER)
 from fixturecase import FixtureCase  # noqa: E402
 
 SERVER_NAME = 'imap.test.example'
@@ -613,6 +613,40 @@ class TlsBackendTest(FixtureCase):
         self.start_proxy(server_tls='starttls', broker_env=dbg, **{'tls_no_tlsv1.2': 'yes'})
         self.session(reused=False)
         self.assertTrue(self.tls_desc().startswith('(TLS1.3'), self.tls_desc())
+
+    def test_r_no_password_in_broker_memory_over_tls(self):
+        """STARTTLS and implicit TLS to Dovecot, fresh and reused logins by
+        LOGIN and AUTHENTICATE PLAIN: afterwards neither the password nor the
+        PLAIN message is anywhere in the broker's memory (GnuTLS encrypts the
+        LOGIN command the broker builds in a secret page; its record buffers
+        must not keep the plaintext)."""
+        import base64
+        secret = 'TlsSekr1t-' + os.urandom(6).hex()
+        self.USERS = dict(self.USERS, carol=secret)
+        self.start_dovecot()
+        plain = base64.b64encode(b'\0carol\0' + secret.encode())
+        for conf in ({'server_tls': 'starttls'},
+                     {'server_tls': 'implicit', 'server_port': self.dc.imaps_port,
+                      'tls_server_name': SERVER_NAME}):
+            with self.subTest(**conf):
+                self.start_proxy(**conf)
+                for i in range(2):
+                    self.session('carol', reused=i > 0)
+                    r = self.raw()
+                    _, tagged = r.command('a1', 'AUTHENTICATE PLAIN ' + plain.decode())
+                    self.assertTrue(tagged.startswith(b'a1 OK'), r.dump())
+                    r.command('z', 'LOGOUT')
+                    r.close()
+                self.assertGreaterEqual(self.tls_logins('carol')[1], 1)
+                time.sleep(0.3)
+                regions = read_memory(self.px.broker.popen.pid)
+                self.assertTrue(any(b'carol' in b for _, b in regions), 'user name not found: reading broken?')
+                found = ['%s in %s' % (what, name) for name, data in regions
+                         for what, needle in (('password', secret.encode()), ('PLAIN message', plain))
+                         if needle in data]
+                self.assertEqual(found, [], 'secrets left in the broker memory')
+                self.assertEqual(self.px.stop().get('broker'), 0)
+                self.px = None
 
 
 if __name__ == '__main__':
