@@ -686,7 +686,7 @@ static bool backend_splice(Relay *r) {
                 r->splice_off = true;
                 return false;
         }
-        size_t want = (size_t) MIN(imap_scanner_literal_remaining(r->ssc), (uint64_t) (r->pipe_cap - r->pipe_len));
+        size_t want = (size_t) MIN(imap_scanner_literal_remaining(r->ssc), (uint64_t) r->pipe_cap);
         ssize_t n = splice(r->s->backend_fd, NULL, r->pipe_w, NULL, want, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
         if (n < 0 && (errno == EAGAIN || errno == EINTR))
                 return true;
@@ -711,16 +711,7 @@ static bool backend_splice(Relay *r) {
         return true;
 }
 
-/* More literal bytes may go into a pipe that still holds some. */
-static bool splice_more(Relay *r) {
-        return r->pipe_len > 0 && r->pipe_len < r->pipe_cap && splice_wanted(r);
-}
-
 static void backend_read(Relay *r) {
-        if (splice_more(r)) {
-                (void) backend_splice(r);
-                return;
-        }
         /* Only when everything read so far has been forwarded (or swallowed). */
         if (r->sscan == r->slen && r->ssent >= r->sfwd && r->pipe_len == 0) {
                 r->slen = r->sscan = r->sfwd = r->ssent = 0;
@@ -889,9 +880,8 @@ static int relay_once(Session *s, uint8_t **ret_replay, size_t *ret_replay_len) 
                         (void) fd_set_nonblock(s->client_out, true);
                         r->local_reply[0] = '\0';
                 }
-                bool backend_can_read = r->backend_open &&
-                                        ((r->sscan == r->slen && r->ssent >= r->sfwd && r->pipe_len == 0) ||
-                                         splice_more(r));
+                bool backend_can_read = r->backend_open && r->sscan == r->slen && r->ssent >= r->sfwd &&
+                                        r->pipe_len == 0;
                 /* An error or hang-up is reported whatever we ask for: while the
                  * client still has to take what we hold, leave the backend out of
                  * poll() or it would wake us at once, again and again. */
