@@ -733,21 +733,6 @@ uint64_t imap_scanner_literal_remaining(const ImapScanner *s) {
         return s->state == ST_LITERAL ? s->lit_remaining : 0;
 }
 
-int imap_scanner_literal_skip(ImapScanner *s, uint64_t n) {
-        assert(s);
-        if (n > imap_scanner_literal_remaining(s))
-                return -EINVAL;
-        if (n == 0)
-                return 0;
-        /* what feed()'s bulk literal path does, minus the copy */
-        s->tok_full += n;
-        s->tok_trunc = true;
-        s->lit_remaining -= n;
-        if (s->lit_remaining == 0)
-                literal_finish(s);
-        return 0;
-}
-
 ImapScanError imap_scanner_error(const ImapScanner *s) {
         assert(s);
         return s->error;

@@ -119,11 +119,6 @@ void imap_scanner_expect_raw_line(ImapScanner *s);
 
 bool imap_scanner_at_line_start(const ImapScanner *s); /* no partial line pending */
 uint64_t imap_scanner_literal_remaining(const ImapScanner *s); /* bytes left in the current literal */
-/* n bytes of the current literal went by without being fed (the relay
- * splices big literals from socket to socket): counted as fed, not
- * captured (the arg comes out truncated). -EINVAL, and nothing changes, if
- * n exceeds imap_scanner_literal_remaining(). */
-int imap_scanner_literal_skip(ImapScanner *s, uint64_t n);
 ImapScanError imap_scanner_error(const ImapScanner *s);
 const char *imap_scanner_error_text(const ImapScanner *s); /* human text for a BAD, "" if none */
 

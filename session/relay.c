@@ -32,22 +32,12 @@
  *	credentials kept for exactly this moment) and replays the client's
  *	bytes to the new connection. Once the backend has answered, the
  *	credentials are wiped and a dead backend ends the session as before.
- *	Big literal bodies from the backend (FETCH of a large message) skip
- *	the user-space copy: once sbuf is flushed and at least SPLICE_MIN
- *	bytes of a literal remain, they go backend -> pipe -> client with
- *	splice(2) and the scanner is told how many went by
- *	(imap_scanner_literal_skip()). Not with client TLS or a trace (the
- *	bytes must pass through us), nor while the client is gone or our own
- *	reset's responses are swallowed. sbuf is read again only once the
- *	pipe is empty, so the order of bytes is kept.
  *	The client side goes through client_recv()/client_send() (session.h):
  *	plain system calls in imapproxy-session, GnuTLS records in
  *	imapproxy-session-tls, where records already decrypted but not yet read
  *	(client_pending()) count as readable, since poll() cannot see them.
  */
 #include <errno.h>
-#include <fcntl.h>
-#include <inttypes.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -67,8 +57,6 @@
 #define PROXY_TAG "IMAPPROXY-RESET"
 #define REPLAY_MAX (64 * 1024) /* client bytes kept for a retry on a fresh connection */
 #define RELAY_RETRY 2          /* relay_once(): the reused connection was dead, log in afresh */
-#define SPLICE_MIN (64 * 1024)    /* literal bytes left before splicing pays for its syscalls */
-#define SPLICE_PIPE (1024 * 1024) /* pipe size asked for (the unprivileged maximum by default) */
 
 typedef enum RelayPhase {
         RELAY_ACTIVE,
@@ -134,13 +122,6 @@ typedef struct Relay {
         uint8_t *replay;
         size_t replay_len;
         bool backend_dead_early;
-
-        /* literal bodies spliced backend -> pipe -> client */
-        int pipe_r, pipe_w;
-        size_t pipe_len;               /* bytes in the pipe, not yet sent to the client */
-        size_t pipe_cap;
-        uint64_t spliced;              /* bytes that went by splice, for the debug log */
-        bool splice_off;               /* not possible here (or failed once): copy */
 } Relay;
 
 static void replay_drop(Relay *r) {
@@ -615,33 +596,7 @@ static void client_read(Relay *r) {
                 backend_flush(r);
 }
 
-static void pipe_discard(Relay *r) {
-        r->pipe_r = safe_close(r->pipe_r);
-        r->pipe_w = safe_close(r->pipe_w);
-        r->pipe_len = 0;
-        r->splice_off = true;
-}
-
 static void client_flush(Relay *r) {
-        /* sbuf never holds bytes while the pipe does (backend_read() waits
-         * for both to be empty), so either order is the stream's order */
-        while (r->pipe_len > 0) {
-                ssize_t n = splice(r->pipe_r, NULL, r->s->client_out, NULL, r->pipe_len,
-                                   SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
-                if (n < 0 && errno == EINTR)
-                        continue;
-                if (n < 0 && errno == EAGAIN)
-                        return;
-                if (n <= 0) {
-                        pipe_discard(r);
-                        r->client_alive = false;
-                        r->ssent = r->sfwd;
-                        if (r->phase == RELAY_ACTIVE)
-                                client_gone(r, "write error");
-                        return;
-                }
-                r->pipe_len -= (size_t) n;
-        }
         while (r->ssent < r->sfwd) {
                 ssize_t n = client_send(r->s, r->sbuf + r->ssent, r->sfwd - r->ssent);
                 if (n == -EINTR)
@@ -659,65 +614,11 @@ static void client_flush(Relay *r) {
         }
 }
 
-static bool splice_wanted(Relay *r) {
-        return !r->splice_off && r->server_scan_ok && r->client_alive && !r->s->retry_armed &&
-               (r->phase == RELAY_ACTIVE || r->phase == RELAY_DRAIN) && client_can_splice(r->s) &&
-               imap_scanner_literal_remaining(r->ssc) >= SPLICE_MIN;
-}
-
-/* The pipe, at the first big literal (most sessions never need one). */
-static int splice_setup(Relay *r) {
-        int p[2];
-
-        if (pipe2(p, O_CLOEXEC | O_NONBLOCK) < 0)
-                return -errno;
-        r->pipe_r = p[0];
-        r->pipe_w = p[1];
-        int sz = fcntl(r->pipe_w, F_SETPIPE_SZ, SPLICE_PIPE);
-        if (sz < 0)
-                sz = fcntl(r->pipe_w, F_GETPIPE_SZ);
-        r->pipe_cap = sz > 0 ? (size_t) sz : 65536;
-        return 0;
-}
-
-/* Returns false when the bytes must be read the ordinary way instead. */
-static bool backend_splice(Relay *r) {
-        if (r->pipe_w < 0 && splice_setup(r) < 0) {
-                r->splice_off = true;
-                return false;
-        }
-        size_t want = (size_t) MIN(imap_scanner_literal_remaining(r->ssc), (uint64_t) r->pipe_cap);
-        ssize_t n = splice(r->s->backend_fd, NULL, r->pipe_w, NULL, want, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
-        if (n < 0 && (errno == EAGAIN || errno == EINTR))
-                return true;
-        if (n < 0) {
-                /* EINVAL and the like: copy from now on; a real socket error
-                 * shows up again on the next recv() */
-                r->splice_off = true;
-                return false;
-        }
-        if (n == 0) {
-                r->backend_open = false;
-                relay_taint(r, "backend connection closed");
-                return true;
-        }
-        /* cannot fail: n <= the literal's remaining bytes */
-        (void) imap_scanner_literal_skip(r->ssc, (uint64_t) n);
-        r->pipe_len += (size_t) n;
-        r->spliced += (uint64_t) n;
-        r->last_backend_usec = now_usec();
-        if (r->s->client_in == r->s->client_out)
-                client_flush(r);
-        return true;
-}
-
 static void backend_read(Relay *r) {
         /* Only when everything read so far has been forwarded (or swallowed). */
-        if (r->sscan == r->slen && r->ssent >= r->sfwd && r->pipe_len == 0) {
+        if (r->sscan == r->slen && r->ssent >= r->sfwd) {
                 r->slen = r->sscan = r->sfwd = r->ssent = 0;
         } else
-                return;
-        if (splice_wanted(r) && backend_splice(r))
                 return;
         ssize_t n = recv(r->s->backend_fd, r->sbuf, RELAY_CHUNK, MSG_DONTWAIT);
         if (n < 0 && (errno == EAGAIN || errno == EINTR))
@@ -778,22 +679,12 @@ static int relay_finish(Relay *r) {
                 log_info("session of %s ends; backend connection not reused: %s", s->user,
                          r->taint_reason ? r->taint_reason : r->selected ? "mailbox still selected" : "unfinished");
         TRACE_NOTE(s, "session ends: %s", clean ? "connection returned to the pool" : "connection not reusable");
-        if (r->spliced > 0)
-                log_debug("%" PRIu64 " bytes of backend literals spliced to the client", r->spliced);
         (void) broker_checkin(s, clean);
 
         if (!r->client_alive)
                 return 0;
         /* What the backend said before stays ahead of our BYE. */
         (void) fd_set_nonblock(s->client_out, false);
-        while (r->pipe_len > 0) {
-                ssize_t n = splice(r->pipe_r, NULL, s->client_out, NULL, r->pipe_len, SPLICE_F_MOVE);
-                if (n < 0 && errno == EINTR)
-                        continue;
-                if (n <= 0)
-                        return 0;
-                r->pipe_len -= (size_t) n;
-        }
         if (r->ssent < r->sfwd)
                 (void) client_write(s, (const char *) r->sbuf + r->ssent, r->sfwd - r->ssent);
         char msg[512];
@@ -817,8 +708,6 @@ static int relay_once(Session *s, uint8_t **ret_replay, size_t *ret_replay_len) 
                 .client_alive = true,
                 .backend_open = true,
                 .server_scan_ok = true,
-                .pipe_r = -EBADF,
-                .pipe_w = -EBADF,
         };
         Relay *r = &rel;
         ImapScanLimits clim = {
@@ -863,8 +752,6 @@ static int relay_once(Session *s, uint8_t **ret_replay, size_t *ret_replay_len) 
         while (r->phase != RELAY_DONE && !r->backend_dead_early) {
                 if (!r->client_alive) {
                         r->ssent = r->sfwd; /* nobody to read it */
-                        if (r->pipe_len > 0)
-                                pipe_discard(r);
                         r->local_reply[0] = '\0';
                 }
                 if (r->phase == RELAY_DRAIN && r->n_pend == 0)
@@ -880,8 +767,7 @@ static int relay_once(Session *s, uint8_t **ret_replay, size_t *ret_replay_len) 
                         (void) fd_set_nonblock(s->client_out, true);
                         r->local_reply[0] = '\0';
                 }
-                bool backend_can_read = r->backend_open && r->sscan == r->slen && r->ssent >= r->sfwd &&
-                                        r->pipe_len == 0;
+                bool backend_can_read = r->backend_open && r->sscan == r->slen && r->ssent >= r->sfwd;
                 /* An error or hang-up is reported whatever we ask for: while the
                  * client still has to take what we hold, leave the backend out of
                  * poll() or it would wake us at once, again and again. */
@@ -891,7 +777,7 @@ static int relay_once(Session *s, uint8_t **ret_replay, size_t *ret_replay_len) 
                 };
                 if (r->phase == RELAY_ACTIVE && r->client_reading && r->clen < r->ccap)
                         p[0].events |= POLLIN;
-                if (r->client_alive && (r->ssent < r->sfwd || r->pipe_len > 0))
+                if (r->client_alive && r->ssent < r->sfwd)
                         p[0].events |= POLLOUT;
                 if (backend_can_read)
                         p[1].events |= POLLIN;
@@ -984,8 +870,6 @@ static int relay_once(Session *s, uint8_t **ret_replay, size_t *ret_replay_len) 
         ret = relay_finish(r);
 out:
         replay_drop(r);
-        r->pipe_r = safe_close(r->pipe_r);
-        r->pipe_w = safe_close(r->pipe_w);
         if (!r->cbuf || !r->sbuf)
                 (void) broker_checkin(s, false);
         free(r->logout_tag);

@@ -186,16 +186,6 @@ static inline ssize_t client_send(Session *s, const void *buf, size_t len) {
         return n < 0 ? -errno : n;
 }
 
-/* Backend bytes may go to the client by splice(2), past client_send():
- * not through TLS, and not while a trace must see them. */
-static inline bool client_can_splice(const Session *s) {
-#ifdef SESSION_TLS
-        if (s->tls)
-                return false;
-#endif
-        return !s->trace;
-}
-
 /* Client bytes already read from the socket but not yet returned by
  * client_recv() (decrypted TLS records): poll() cannot see them. */
 static inline bool client_pending(const Session *s) {

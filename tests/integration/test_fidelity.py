@@ -1191,7 +1191,7 @@ class Relay(FidelityTest):
         self.logout_raw(r)
 
     def test_j7_50mb_append_and_fetch(self):
-        self.start_proxy(listener_env={'IMAPPROXY_LOG_LEVEL': 'debug'})  # says how much it spliced
+        self.start_proxy()
         r = self.raw(timeout=60)
         self.login_ok(r)
         self._select(r)
@@ -1236,15 +1236,10 @@ class Relay(FidelityTest):
         self.assertEqual(h.hexdigest(), want, '50 MB message fetched back differs (sha256)')
         print('    [j7] 50 MB APPEND %.1fs, FETCH %.1fs' % (t1 - t0, t2 - t1))
         self.logout_raw(r)
-        # The body went backend -> pipe -> client by splice(2), not through
-        # our buffer (all but what came with the FETCH line's first read).
-        m = wait_until(lambda: re.search(r'(\d+) bytes of backend literals spliced', self.px.listener_log()),
-                       5, what='the session\'s splice count')
-        self.assertGreater(int(m.group(1)), n - (1 << 20), self.px.listener_log()[-2000:])
 
-    def test_j7b_client_leaves_in_the_middle_of_a_spliced_fetch(self):
+    def test_j7b_client_leaves_in_the_middle_of_a_big_fetch(self):
         """A client that resets its connection 1 MB into a 16 MB literal being
-        spliced to it. It left at a command boundary, so its session reads
+        relayed to it. It left at a command boundary, so its session reads
         and drops the other 15 MB, sees the FETCH completed, deselects and
         returns the connection; the next client gets that same connection and
         it is in step: its own FETCH answers are exactly Dovecot's."""
