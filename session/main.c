@@ -336,6 +336,9 @@ static int fork_server_run(Session *s, char **argv) {
                         }
                         return log_error_errno(-errno, "accept: %m"), 1;
                 }
+#ifdef SESSION_TLS
+                tls_ticket_key_refresh(&s->cfg); /* a rotated key for this child and the next */
+#endif
                 pid_t pid = fork();
                 if (pid == 0) {
                         (void) safe_close(lfd);

@@ -3,6 +3,7 @@
  *
  * SYNOPSIS
  *	int tls_setup(const Config *cfg);
+ *	void tls_ticket_key_refresh(const Config *cfg);
  *	int tls_handshake(Session *s);
  *	ssize_t tls_recv(Session *s, void *buf, size_t len);
  *	ssize_t tls_send(Session *s, const void *buf, size_t len);
@@ -35,6 +36,16 @@
  *	at the cost of one full handshake per client. Without the key, or if
  *	it cannot be read, a random key per process is used: resumption then
  *	only works within one fork server.
+ *
+ *	A fork server (--fork-server) reads the file in tls_setup() and then
+ *	calls tls_ticket_key_refresh() before every fork: one stat(2), and the
+ *	file is read again only when it is another file or was changed
+ *	(device, inode, size, mtime or ctime differ from what the last read
+ *	saw). So its children take up a rotated key with the next connection,
+ *	like sessions started per connection, and a fork server started before
+ *	the key file existed picks it up once it does. A file that has gone or
+ *	no longer reads as a key leaves the key in use as it is (one warning
+ *	per change): the children still resume each other's sessions.
  *
  *	tls_write_ticket_key() makes a new master key (imapproxy-session-tls
  *	--write-ticket-key FILE, run daily by imapproxy-tls-ticket-key.timer):
@@ -72,6 +83,30 @@ static gnutls_priority_t tls_prio;
 static unsigned char tls_ticket_key[TICKET_KEY_SIZE];
 static gnutls_datum_t tls_ticket = { .data = tls_ticket_key, .size = 0 };
 
+/* What the last look at listen_tls_ticket_key_file saw: the file's identity
+ * and change times, or the error that open()/fstat() gave. */
+typedef struct KeyFileId {
+        int err;
+        dev_t dev;
+        ino_t ino;
+        off_t size;
+        struct timespec mtim, ctim;
+} KeyFileId;
+static KeyFileId tls_ticket_key_id = { .err = -ENOENT };
+
+static KeyFileId key_file_id(const struct stat *st, int err) {
+        if (err < 0)
+                return (KeyFileId) { .err = err };
+        return (KeyFileId) { .dev = st->st_dev, .ino = st->st_ino, .size = st->st_size,
+                             .mtim = st->st_mtim, .ctim = st->st_ctim };
+}
+
+static bool key_file_id_equal(const KeyFileId *a, const KeyFileId *b) {
+        return a->err == b->err && a->dev == b->dev && a->ino == b->ino && a->size == b->size &&
+               a->mtim.tv_sec == b->mtim.tv_sec && a->mtim.tv_nsec == b->mtim.tv_nsec &&
+               a->ctim.tv_sec == b->ctim.tv_sec && a->ctim.tv_nsec == b->ctim.tv_nsec;
+}
+
 static int gnutls_to_errno(int e) {
         switch (e) {
         case GNUTLS_E_AGAIN:
@@ -89,11 +124,19 @@ static int gnutls_to_errno(int e) {
         }
 }
 
-/* Exactly TICKET_KEY_SIZE bytes, or an error. */
+/* Exactly TICKET_KEY_SIZE bytes, or an error; the key in use changes only
+ * on success. tls_ticket_key_id records the file that was read, whatever
+ * the outcome: what stat() shows when open() fails (a file we may not read
+ * is looked at again only when it changes), else the error. */
 static int ticket_key_load(const char *path) {
+        struct stat st;
         int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
-        if (fd < 0)
-                return -errno;
+        if (fd < 0) {
+                int r = -errno;
+                tls_ticket_key_id = key_file_id(&st, stat(path, &st) < 0 ? r : 0);
+                return r;
+        }
+        tls_ticket_key_id = key_file_id(&st, fstat(fd, &st) < 0 ? -errno : 0);
         unsigned char buf[TICKET_KEY_SIZE + 1];
         size_t got = 0;
         int r = 0;
@@ -143,11 +186,12 @@ int tls_setup(const Config *cfg) {
 
         if (cfg->listen_tls_ticket_key_file) {
                 r = ticket_key_load(cfg->listen_tls_ticket_key_file);
-                if (r < 0)
-                        log_warning_errno(r, "listen_tls_ticket_key_file %s: %s; TLS sessions will not resume "
-                                             "across session processes",
-                                          cfg->listen_tls_ticket_key_file,
-                                          r == -EBADMSG ? "not exactly 64 bytes" : "%m");
+                if (r == -EBADMSG)
+                        log_warning("listen_tls_ticket_key_file %s: not exactly 64 bytes; TLS sessions will not "
+                                    "resume across session processes", cfg->listen_tls_ticket_key_file);
+                else if (r < 0)
+                        log_warning_errno(r, "listen_tls_ticket_key_file %s: %m; TLS sessions will not resume "
+                                             "across session processes", cfg->listen_tls_ticket_key_file);
         }
         if (tls_ticket.size == 0) {
                 gnutls_datum_t k = { NULL, 0 };
@@ -164,6 +208,27 @@ int tls_setup(const Config *cfg) {
                 }
         }
         return 0;
+}
+
+void tls_ticket_key_refresh(const Config *cfg) {
+        const char *path = cfg->listen_tls_ticket_key_file;
+        struct stat st;
+        KeyFileId now;
+
+        if (!path)
+                return;
+        now = key_file_id(&st, stat(path, &st) < 0 ? -errno : 0);
+        if (key_file_id_equal(&now, &tls_ticket_key_id))
+                return; /* the common case: one stat() per connection */
+        int r = ticket_key_load(path);
+        if (r >= 0)
+                log_info("listen_tls_ticket_key_file %s changed: new TLS session ticket master key", path);
+        else if (r == -EBADMSG) /* (%m only works in the format itself) */
+                log_warning("listen_tls_ticket_key_file %s changed but is not exactly 64 bytes; "
+                            "keeping the key in use", path);
+        else
+                log_warning_errno(r, "listen_tls_ticket_key_file %s changed but cannot be read: %m; "
+                                     "keeping the key in use", path);
 }
 
 static int tls_wait(const Session *s, gnutls_session_t g, uint64_t deadline_usec) {

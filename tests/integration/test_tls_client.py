@@ -21,6 +21,10 @@ Run through tests/integration/run.py.
   - resumption across two session processes (Python ssl session=, TLS 1.3 and
     1.2), and its control: without listen_tls_ticket_key_file each process has
     its own key and nothing resumes;
+  - the TLS fork server takes up a rotated ticket key before its next fork
+    (old tickets get a full handshake, new ones resume, also in per-connection
+    sessions), a key file that appears after its start, and keeps its key when
+    the file goes away or is broken (one warning per change);
   - a 3 MB message APPENDed and FETCHed back through client TLS, intact.
 """
 
@@ -297,10 +301,11 @@ class TlsClientTest(FixtureCase):
         self.assertRegex(data, rb'(?m)^f OK')
         self.assertEqual(self.dc.logins(), 0, 'the injected LOGIN reached Dovecot')
 
-    def resume_pair(self, port, ctx, starttls=False, between=None):
+    def resume_pair(self, port, ctx, starttls=False, between=None, port2=None):
         """Two connections, each served by a new session process; returns
-        (first reused, second reused). The second offers the first's session."""
-        def connect(session=None):
+        (first reused, second reused). The second (to port2 if given) offers
+        the first's session."""
+        def connect(session=None, port=port):
             sock = socket.create_connection(('127.0.0.1', port), timeout=10)
             self.socks.append(sock)
             if starttls:
@@ -328,7 +333,7 @@ class TlsClientTest(FixtureCase):
         sess, r1 = connect()
         if between:
             between()
-        _, r2 = connect(sess)
+        _, r2 = connect(sess, port2 or port)
         return r1, r2
 
     def test_t7_resumption_across_processes(self):
@@ -384,6 +389,63 @@ class TlsClientTest(FixtureCase):
             seen.append(self.login_select_logout(m))
         self.assertEqual(seen, [False, True, True, True])
         self.assertEqual(self.dc.logins('alice'), 1)
+
+    def test_t11_fork_server_ticket_key_rotation(self):
+        """imapproxy-session-tls --fork-server (imapproxy-forkserver-tls.service)
+        takes up a rotated listen_tls_ticket_key_file before its next fork, as
+        sessions started per connection do: a ticket from before the rotation
+        gets a clean full handshake, the new key's tickets resume, also in a
+        per-connection session that reads the file itself (so the fork server
+        really uses the file's key, not just some key of its own). Started
+        before the file exists, it picks the file up when it appears; a file
+        that goes away leaves the key in use. One stat() per connection, one
+        log line per change."""
+        key = os.path.join(self.tmp, 'ticket.key')      # not there yet
+        self.start_proxy(**self.tls_conf(listen_tls_ticket_key_file=key))
+        p_conn, _ = self.implicit_listener()            # per connection: reads the file every time
+        port = free_port()
+        fork = _Proc([SOCKET_ACTIVATE, '-l', '127.0.0.1:%d' % port, os.path.abspath(SESSION_TLS), '--fork-server',
+                      '-f', self.px.conf_path], os.path.join(self.tmp, 'tls-fork.log'), 'tls-fork')
+        self.procs.append(fork)
+        wait_until(lambda: tcp_listening(port) or not fork.alive(), 10.0, what='TLS fork server')
+        self.assertTrue(fork.alive(), fork.log())
+        ctx = self.ctx()
+
+        def rotate():
+            subprocess.run([SESSION_TLS, '--write-ticket-key', key], check=True, timeout=30)
+
+        # No file yet: the parent's random key resumes between its children only.
+        self.assertEqual(self.resume_pair(port, ctx), (False, True), 'no key file: within the fork server')
+        self.assertEqual(self.resume_pair(port, ctx, port2=p_conn), (False, False),
+                         'no key file: a per-connection session resumed a fork-server ticket?')
+        rotate()    # the file appears
+        self.assertEqual(self.resume_pair(port, ctx, port2=p_conn), (False, True),
+                         'the fork server did not take up the new key file')
+        # Rotation while it runs: the old ticket is refused cleanly, the new key works everywhere.
+        self.assertEqual(self.resume_pair(port, ctx, between=rotate), (False, False),
+                         'a ticket from before the rotation was accepted')
+        self.assertEqual(self.resume_pair(port, ctx), (False, True), 'resumption with the new key')
+        self.assertEqual(self.resume_pair(port, ctx, port2=p_conn), (False, True),
+                         'fork server and per-connection sessions disagree on the key after rotation')
+        self.assertEqual(self.resume_pair(p_conn, ctx, port2=port), (False, True),
+                         'a per-connection ticket was not accepted by the fork server')
+        # The file goes away, or is not a key: the fork server keeps its key
+        # (and says so once per change, not per connection).
+        os.unlink(key)
+        for _ in range(2):
+            self.assertEqual(self.resume_pair(port, ctx), (False, True), 'key file removed: key kept')
+        with open(key, 'wb') as f:
+            f.write(b'x' * 10)
+        for _ in range(2):
+            self.assertEqual(self.resume_pair(port, ctx), (False, True), 'a 10-byte key file: key kept')
+        # A full IMAP session through the fork server after all that.
+        self.assertFalse(self.login_select_logout(self.ssl_client(port)))
+        log = fork.log()
+        self.assertEqual(len(re.findall(r'ticket.key changed: new TLS session ticket master key', log)), 2, log)
+        self.assertEqual(len(re.findall(r'ticket.key changed but cannot be read: No such file or directory; '
+                                        r'keeping the key in use', log)), 1, log)
+        self.assertEqual(len(re.findall(r'ticket.key changed but is not exactly 64 bytes; keeping the key in use',
+                                        log)), 1, log)
 
     def test_t10_broker_checks_client_tls_files(self):
         """The broker loads the sessions' client-TLS files: --check-config and
