@@ -36,7 +36,7 @@ BUILD_TREE = os.path.join(HERE, 'build-tree')
 DOVECOT_PORT = 1143
 PROXY_PORT = 143
 DOVECOT_LOG = '/var/log/dovecot-test.log'
-TEST_USERS = {'alice': 'alice-pw-7Hq2', 'bob': 'bob-pw-9Xk4'}
+TEST_USERS = {'alice': 'alice-pw-7Hq2', 'bob': 'bob-pw-9Xk4', 'carol': 'carol-pw-3Vm8'}
 IN_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
 
 
