@@ -305,26 +305,105 @@ out:
         return r < 0 ? 1 : 0;
 }
 
+static volatile sig_atomic_t fork_server_reload; /* SIGHUP seen */
+
+static void fork_server_sighup(int sig) {
+        (void) sig;
+        fork_server_reload = 1;
+}
+
+/* The same program anew in this process, on the same listening socket: it
+ * reads the configuration (and the TLS files) again and gets a fresh
+ * address-space layout and stack canary. SIGHUP is blocked here (see
+ * fork_server_run()) and the mask survives the exec: a SIGHUP that arrives
+ * before the new image has its handler stays pending instead of killing
+ * it. Returns only if the exec failed. */
+static void fork_server_reexec(char **argv, const char *why) {
+        char pidbuf[32];
+
+        snprintf(pidbuf, sizeof(pidbuf), "%d", (int) getpid());
+        (void) setenv("LISTEN_PID", pidbuf, 1);
+        (void) setenv("LISTEN_FDS", "1", 1);
+        execv("/proc/self/exe", argv);
+        log_warning_errno(-errno, "re-exec (%s): %m; going on", why);
+        (void) unsetenv("LISTEN_PID");
+        (void) unsetenv("LISTEN_FDS");
+}
+
+/* SIGHUP: would the new image start? The configuration must load, and for
+ * imapproxy-session-tls the certificate, key and priority string too. A
+ * refusal is logged with the reason; the running process goes on. */
+static int fork_server_reload_check(void) {
+        Config c;
+        char err[512] = "";
+        int r = config_init(&c);
+
+        if (r >= 0) {
+                r = config_load(&c, arg_config, config_warn, NULL, err, sizeof(err));
+                if (r == -ENOENT && !arg_config_explicit)
+                        r = 0; /* no config file: defaults, as at start */
+        }
+        if (r < 0 && err[0])
+                log_error("reload refused, the running configuration stays: %s", err);
+        else if (r < 0)
+                log_error_errno(r, "reload refused, the running configuration stays: %m");
+#ifdef SESSION_TLS
+        if (r >= 0) {
+                r = tls_check(&c);
+                if (r < 0)
+                        log_error("reload refused, the running configuration and TLS files stay (see above)");
+        }
+#endif
+        config_done(&c);
+        return r;
+}
+
 /* --fork-server: fd 3 is a listening socket (systemd Accept=no,
  * systemd-socket-activate without -a, xinetd wait = yes). The configuration
  * is read once; every connection gets its own process by fork() alone, with
  * no exec, which is most of a session's start-up cost (bench/README.md). The
  * children of one parent share its address-space layout and stack canary,
  * so the parent re-execs itself every arg_reexec_after connections to get
- * fresh ones; children in flight are not affected. */
+ * fresh ones; children in flight are not affected. SIGHUP (systemctl
+ * reload) re-execs it too, after checking that the new configuration loads,
+ * so that a changed configuration or a renewed certificate takes effect
+ * without ending the sessions in progress. SIGHUP is blocked except while
+ * the parent waits for a connection (ppoll), so a reload never slips
+ * between the check of the flag and the wait. */
 static int fork_server_run(Session *s, char **argv) {
         const int lfd = 3;
         int acc = 0;
         socklen_t l = sizeof(acc);
         unsigned served = 0;
+        sigset_t hup, waiting;
+        struct sigaction sa = { .sa_handler = fork_server_sighup }; /* no SA_RESTART */
 
         if (getsockopt(lfd, SOL_SOCKET, SO_ACCEPTCONN, &acc, &l) < 0 || !acc)
                 return log_error_errno(-EBADF, "--fork-server needs a listening socket as fd 3 (LISTEN_FDS=1)"), 1;
         (void) fd_set_cloexec(lfd, false); /* kept across our own re-exec */
         (void) signal(SIGCHLD, SIG_IGN);   /* children are reaped by the kernel */
         arg_fork_server_child = true;
+        (void) sigemptyset(&hup);
+        (void) sigaddset(&hup, SIGHUP);
+        (void) sigprocmask(SIG_BLOCK, &hup, &waiting); /* already blocked after a re-exec */
+        (void) sigdelset(&waiting, SIGHUP);
+        (void) sigemptyset(&sa.sa_mask);
+        (void) sigaction(SIGHUP, &sa, NULL);
 
         for (;;) {
+                if (fork_server_reload) {
+                        fork_server_reload = 0;
+                        if (fork_server_reload_check() >= 0) {
+                                log_info("SIGHUP: configuration checked, re-executing to load it");
+                                fork_server_reexec(argv, "reload");
+                        }
+                }
+                struct pollfd p = { .fd = lfd, .events = POLLIN };
+                if (ppoll(&p, 1, NULL, &waiting) < 0) {
+                        if (errno != EINTR)
+                                return log_error_errno(-errno, "ppoll: %m"), 1;
+                        continue;
+                }
                 int cfd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
                 if (cfd < 0) {
                         if (errno == EINTR || errno == ECONNABORTED || errno == EAGAIN)
@@ -343,6 +422,8 @@ static int fork_server_run(Session *s, char **argv) {
                 if (pid == 0) {
                         (void) safe_close(lfd);
                         (void) signal(SIGCHLD, SIG_DFL);
+                        (void) signal(SIGHUP, SIG_DFL);
+                        (void) sigprocmask(SIG_UNBLOCK, &hup, NULL);
                         s->client_in = s->client_out = cfd;
                         _exit(session_serve(s));
                 }
@@ -353,14 +434,7 @@ static int fork_server_run(Session *s, char **argv) {
                         continue;
                 }
                 if (arg_reexec_after > 0 && ++served >= arg_reexec_after) {
-                        char pidbuf[32];
-                        snprintf(pidbuf, sizeof(pidbuf), "%d", (int) getpid());
-                        (void) setenv("LISTEN_PID", pidbuf, 1);
-                        (void) setenv("LISTEN_FDS", "1", 1);
-                        execv("/proc/self/exe", argv);
-                        log_warning_errno(-errno, "re-exec after %u connections: %m; going on", served);
-                        (void) unsetenv("LISTEN_PID");
-                        (void) unsetenv("LISTEN_FDS");
+                        fork_server_reexec(argv, "after --reexec-after connections");
                         served = 0;
                 }
         }

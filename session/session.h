@@ -153,6 +153,7 @@ int client_write(Session *s, const char *buf, size_t len);
 /* tls.c: client TLS over s->client_in/client_out. tls_setup() once per
  * process (credentials, priorities, ticket key); the rest per client. */
 int tls_setup(const Config *cfg);
+int tls_check(const Config *cfg); /* would tls_setup() succeed? (fork server, SIGHUP) */
 void tls_ticket_key_refresh(const Config *cfg); /* --fork-server: before each fork */
 int tls_handshake(Session *s);
 ssize_t tls_recv(Session *s, void *buf, size_t len);

@@ -3,6 +3,7 @@
  *
  * SYNOPSIS
  *	int tls_setup(const Config *cfg);
+ *	int tls_check(const Config *cfg);
  *	void tls_ticket_key_refresh(const Config *cfg);
  *	int tls_handshake(Session *s);
  *	ssize_t tls_recv(Session *s, void *buf, size_t len);
@@ -15,6 +16,10 @@
  *	Built into imapproxy-session-tls only (-DSESSION_TLS); the plaintext
  *	imapproxy-session never links GnuTLS and execs this program when a
  *	client says STARTTLS (main.c).
+ *
+ *	tls_check() loads what tls_setup() would (certificate, key,
+ *	priority string) into scratch objects and frees them again: a fork
+ *	server asks it before it re-executes itself on SIGHUP.
  *
  *	tls_setup() runs once per process: the certificate chain and key
  *	(listen_tls_cert_file, listen_tls_key_file), the priority string
@@ -163,7 +168,8 @@ static int ticket_key_load(const char *path) {
         return r;
 }
 
-int tls_setup(const Config *cfg) {
+/* Certificate chain, key and priority string of cfg; logs what fails. */
+static int tls_load(const Config *cfg, gnutls_certificate_credentials_t *ret_cred, gnutls_priority_t *ret_prio) {
         const char *cert = cfg->listen_tls_cert_file;
         const char *key = cfg->listen_tls_key_file ? cfg->listen_tls_key_file : cert;
         const char *prio = cfg->listen_tls_priority ? cfg->listen_tls_priority : CONFIG_TLS_PRIORITY_DEFAULT;
@@ -172,17 +178,37 @@ int tls_setup(const Config *cfg) {
 
         if (!cert)
                 return log_error_errno(-EINVAL, "client TLS needs listen_tls_cert_file in the configuration");
-        r = gnutls_certificate_allocate_credentials(&tls_cred);
+        r = gnutls_certificate_allocate_credentials(ret_cred);
         if (r < 0)
                 return log_error_errno(-ENOMEM, "gnutls_certificate_allocate_credentials: %s", gnutls_strerror(r));
-        r = gnutls_certificate_set_x509_key_file2(tls_cred, cert, key, GNUTLS_X509_FMT_PEM, NULL, 0);
+        r = gnutls_certificate_set_x509_key_file2(*ret_cred, cert, key, GNUTLS_X509_FMT_PEM, NULL, 0);
         if (r < 0)
                 return log_error_errno(-EINVAL, "listen_tls_cert_file %s / listen_tls_key_file %s: %s", cert, key,
                                        gnutls_strerror(r));
-        r = gnutls_priority_init(&tls_prio, prio, &err_pos);
+        r = gnutls_priority_init(ret_prio, prio, &err_pos);
         if (r < 0)
                 return log_error_errno(-EINVAL, "listen_tls_priority: %s at '%.40s'", gnutls_strerror(r),
                                        err_pos ? err_pos : prio);
+        return 0;
+}
+
+int tls_check(const Config *cfg) {
+        gnutls_certificate_credentials_t cred = NULL;
+        gnutls_priority_t prio = NULL;
+        int r = tls_load(cfg, &cred, &prio);
+
+        if (prio)
+                gnutls_priority_deinit(prio);
+        if (cred)
+                gnutls_certificate_free_credentials(cred);
+        return r;
+}
+
+int tls_setup(const Config *cfg) {
+        int r = tls_load(cfg, &tls_cred, &tls_prio);
+
+        if (r < 0)
+                return r;
 
         if (cfg->listen_tls_ticket_key_file) {
                 r = ticket_key_load(cfg->listen_tls_ticket_key_file);

@@ -123,6 +123,55 @@ class ForkServer(unittest.TestCase):
             self.assertNotEqual(text_mapping(), mapping_before, 'the parent did not re-exec itself')
         self.assertTrue(self.page_view('bob', 'pw-b'))
 
+    def test_e_sighup_reloads(self):
+        # SIGHUP (systemctl reload): the parent checks the configuration and
+        # re-execs itself, same pid, same socket; a configuration that does not
+        # load is refused with its file, line and key, and the parent goes on as
+        # it was. A burst of SIGHUPs (some arriving while the new image starts,
+        # with SIGHUP blocked) does not kill it.
+        import signal
+        self.start()
+        parent = self.session_parent()
+        self.page_view('bob', 'pw-b')   # the listener execs the session in place
+        fx.wait_until(lambda: 'imapproxy-session' in os.readlink('/proc/%d/exe' % parent),
+                      timeout=5, what='the listener to exec the session')
+
+        def text_mapping():
+            with open('/proc/%d/maps' % parent) as f:
+                for line in f:
+                    if 'imapproxy-session' in line:
+                        return line.split()[0]
+            return None
+        with open('/proc/sys/kernel/randomize_va_space') as f:
+            aslr = f.read().strip() != '0'
+        reloads = lambda: self.px.listener_log().count('SIGHUP: configuration checked, re-executing')  # noqa: E731
+        before = text_mapping()
+        os.kill(parent, signal.SIGHUP)
+        fx.wait_until(lambda: reloads() == 1, timeout=5, what='the reload log line')
+        if aslr:
+            fx.wait_until(lambda: text_mapping() not in (None, before), timeout=5, what='the re-exec')
+        self.assertTrue(self.page_view('bob', 'pw-b'))
+        # A bad line: refused, named, nothing re-executed.
+        with open(self.px.conf_path, 'a') as f:
+            f.write('no_such_key 1\n')
+        before = text_mapping()
+        os.kill(parent, signal.SIGHUP)
+        fx.wait_until(lambda: 'reload refused' in self.px.listener_log(), timeout=5, what='the refusal')
+        self.assertRegex(self.px.listener_log(), r'reload refused, the running configuration stays: .*'
+                                                 r'imapproxy\.conf:\d+: no_such_key: unknown')
+        self.assertTrue(self.page_view('bob', 'pw-b'))
+        self.assertEqual(text_mapping(), before, 're-executed despite a bad configuration')
+        self.assertEqual(reloads(), 1)
+        # Fixed again, then a burst.
+        self.px.write_conf()
+        for _ in range(30):
+            os.kill(parent, signal.SIGHUP)
+        fx.wait_until(lambda: reloads() >= 2, timeout=5, what='reloads after the burst')
+        time.sleep(0.3)
+        self.assertTrue(os.path.exists('/proc/%d' % parent) and self.px.listener.alive(),
+                        'a burst of SIGHUPs killed the fork server:\n' + self.px.listener_log()[-2000:])
+        self.assertTrue(self.page_view('bob', 'pw-b'))
+
     def test_d_refuses_without_listening_socket(self):
         # Run directly, with no LISTEN_FDS: a clear error, exit 2.
         import subprocess

@@ -24,7 +24,8 @@ Run through tests/integration/run.py.
   - the TLS fork server takes up a rotated ticket key before its next fork
     (old tickets get a full handshake, new ones resume, also in per-connection
     sessions), a key file that appears after its start, and keeps its key when
-    the file goes away or is broken (one warning per change);
+    the file goes away or is broken (one warning per change); SIGHUP makes it
+    load a renewed certificate (and refuse a broken one);
   - a 3 MB message APPENDed and FETCHed back through client TLS, intact.
 """
 
@@ -33,6 +34,7 @@ import imaplib
 import os
 import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -446,6 +448,46 @@ class TlsClientTest(FixtureCase):
                                         r'keeping the key in use', log)), 1, log)
         self.assertEqual(len(re.findall(r'ticket.key changed but is not exactly 64 bytes; keeping the key in use',
                                         log)), 1, log)
+
+    def test_t12_fork_server_reload_renewed_certificate(self):
+        """systemctl reload of imapproxy-forkserver-tls.service (SIGHUP): the TLS
+        fork server loads a renewed certificate and key without a restart (same
+        pid); a certificate that does not load is refused with the reason and
+        the running one stays."""
+        cert, key = os.path.join(self.tmp, 'cert.pem'), os.path.join(self.tmp, 'key.pem')
+        shutil.copyfile(self.cert, cert)
+        shutil.copyfile(self.key, key)
+        self.px = Proxy(self.tmp, self.dc, **self.tls_conf(listen_tls_cert_file=cert, listen_tls_key_file=key))
+        port = free_port()
+        fork = _Proc([SOCKET_ACTIVATE, '-l', '127.0.0.1:%d' % port, os.path.abspath(SESSION_TLS), '--fork-server',
+                      '-f', self.px.conf_path], os.path.join(self.tmp, 'tls-fork.log'), 'tls-fork')
+        self.procs.append(fork)
+        wait_until(lambda: tcp_listening(port) or not fork.alive(), 10.0, what='TLS fork server')
+        self.assertFalse(self.login_select_logout(self.ssl_client(port)))  # execs the session in place
+        wait_until(lambda: 'imapproxy-session-tls' in os.readlink('/proc/%d/exe' % fork.pid), 5.0,
+                   what='the listener to exec the session')
+        # Renewal: another CA's certificate and key at the same paths, then SIGHUP.
+        pki2 = os.path.join(self.tmp, 'pki2')
+        os.mkdir(pki2)
+        ca2, cert2, key2 = make_pki(pki2)
+        shutil.copyfile(cert2, cert + '.new')
+        os.rename(cert + '.new', cert)
+        shutil.copyfile(key2, key + '.new')
+        os.rename(key + '.new', key)
+        with self.assertRaises(ssl.SSLError, msg='the new certificate before the reload?'):
+            self.ssl_client(port, ssl.create_default_context(cafile=ca2))
+        fork.send_signal(signal.SIGHUP)
+        wait_until(lambda: 'SIGHUP: configuration checked, re-executing' in fork.log(), 5.0, what='the reload')
+        self.assertTrue(self.login_select_logout(self.ssl_client(port, ssl.create_default_context(cafile=ca2))))
+        # A broken certificate: refused, the renewed one stays.
+        with open(cert, 'w') as f:
+            f.write('-----BEGIN CERTIFICATE-----\nnot one\n-----END CERTIFICATE-----\n')
+        fork.send_signal(signal.SIGHUP)
+        wait_until(lambda: 'reload refused' in fork.log(), 5.0, what='the refusal')
+        self.assertRegex(fork.log(), r'listen_tls_cert_file .*cert\.pem / listen_tls_key_file .*key\.pem: ')
+        self.assertTrue(self.login_select_logout(self.ssl_client(port, ssl.create_default_context(cafile=ca2))))
+        self.assertTrue(fork.alive())
+        self.assertEqual(fork.log().count('SIGHUP: configuration checked'), 1, fork.log())
 
     def test_t10_broker_checks_client_tls_files(self):
         """The broker loads the sessions' client-TLS files: --check-config and
