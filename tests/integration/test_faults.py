@@ -546,6 +546,10 @@ class LinkCut(FaultTest):
 
     def pooled(self, user):
         self.assertTrue(self.visit(user))
+        # The client has its LOGOUT answer an instant before the broker has
+        # the connection back from the session.
+        wait_until(lambda: self.broker_nonbackend_fds()[1] != [], 5,
+                   what='the connection back in the broker\'s pool')
         backend = self.broker_nonbackend_fds()[1]
         self.assertEqual(backend, ['ESTABLISHED'])
         time.sleep(1.5)   # every segment of the visit acknowledged: only probes can tell
