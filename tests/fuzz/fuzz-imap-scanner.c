@@ -21,16 +21,9 @@
 
 #include "imap-scanner.h"
 #include "macro.h"
+#include "fuzz-check.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
-#define CHECK(x)                                                                                  \
-        do {                                                                                      \
-                if (!(x)) {                                                                       \
-                        fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #x);     \
-                        abort();                                                                  \
-                }                                                                                 \
-        } while (0)
 
 static const ImapScanLimits tight = {
         .max_line = 48, .max_literal = 40, .max_depth = 2, .capture_size = 20, .max_args = 5,

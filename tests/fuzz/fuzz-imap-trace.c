@@ -23,16 +23,9 @@
 #include <strings.h>
 
 #include "imap-trace.h"
+#include "fuzz-check.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
-#define CHECK(x)                                                                                  \
-        do {                                                                                      \
-                if (!(x)) {                                                                       \
-                        fprintf(stderr, "%s:%d: invariant failed: %s\n", __FILE__, __LINE__, #x);   \
-                        abort();                                                                  \
-                }                                                                                 \
-        } while (0)
 
 typedef struct Sink {
         uint64_t hash;

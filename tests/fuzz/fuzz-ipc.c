@@ -31,6 +31,7 @@
 #include <unistd.h>
 
 #include "ipc.h"
+#include "fuzz-check.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -38,14 +39,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 #define MODE_SOCKET 0x02u
 #define FD_SENTINEL 0x7eadbeef
 #define FILL 0xa5
-
-#define CHECK(x)                                                                                  \
-        do {                                                                                      \
-                if (!(x)) {                                                                       \
-                        fprintf(stderr, "%s:%d: invariant failed: %s\n", __FILE__, __LINE__, #x);   \
-                        abort();                                                                  \
-                }                                                                                 \
-        } while (0)
 
 typedef typeof(((IpcMessage *) 0)->u) Payload;
 

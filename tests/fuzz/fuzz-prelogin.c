@@ -36,16 +36,9 @@
 #include "log.h"
 #include "macro.h"
 #include "session.h"
+#include "fuzz-check.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
-#define CHECK(x)                                                                                  \
-        do {                                                                                      \
-                if (!(x)) {                                                                       \
-                        fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #x);     \
-                        abort();                                                                  \
-                }                                                                                 \
-        } while (0)
 
 /* Transcript of one run: replies and broker calls, in order, hashed; the
  * reply bytes are checked as they come. */
