@@ -71,6 +71,14 @@ class CtlBase(FixtureCase):
     def stats(self):
         return json.loads(self.ctl('stats', '--json').stdout)
 
+    def stats_refused_to_nobody(self):
+        """imapproxyctl stats as nobody:nogroup straight at the socket: must fail."""
+        r = self.ctl('stats', check=False, use_socket=True,
+                     prefix=['setpriv', '--reuid=nobody', '--regid=nogroup', '--clear-groups'])
+        self.assertEqual(r.returncode, 1, r.stdout + r.stderr)
+        self.assertEqual(r.stdout, '')
+        return r
+
     def session(self, user, pw, select=True):
         m = imap_login(self.px.port, user, pw)
         m.reused = 'XPROXYREUSE' in m.untagged_responses  # select() clears them
@@ -271,11 +279,8 @@ class Ctl(CtlBase):
     # -- who may use it
 
     def test_h_nobody_cannot_connect(self):
-        r = self.ctl('stats', check=False, use_socket=True,
-                     prefix=['setpriv', '--reuid=nobody', '--regid=nogroup', '--clear-groups'])
-        self.assertEqual(r.returncode, 1, r.stdout + r.stderr)
+        r = self.stats_refused_to_nobody()
         self.assertIn('Permission denied', r.stderr)
-        self.assertEqual(r.stdout, '')
 
     def test_i_session_role_cannot_send_admin_messages(self):
         def hello(role):
@@ -319,11 +324,8 @@ class CtlGroups(CtlBase):
     PROXY_CONF = {'login_failure_delay': 0, 'broker_socket_group': 'nogroup', 'admin_group': 'adm'}
 
     def test_j_session_group_is_not_admin(self):
-        r = self.ctl('stats', check=False, use_socket=True,
-                     prefix=['setpriv', '--reuid=nobody', '--regid=nogroup', '--clear-groups'])
-        self.assertEqual(r.returncode, 1, r.stdout + r.stderr)
+        r = self.stats_refused_to_nobody()
         self.assertIn('permission denied', r.stderr)
-        self.assertEqual(r.stdout, '')
         self.assertIn('refused: not root and not in admin_group adm', self.px.broker_log())
 
     def test_k_admin_group_member_is_admin(self):

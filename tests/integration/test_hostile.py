@@ -47,6 +47,15 @@ IDLE_CONNECTIONS = int(os.environ.get('HOSTILE_IDLE_CONNECTIONS') or (500 if SAN
 class Hostile(ProxyTest):
     USERS = {'alice': 'pw', 'bob': 'bobpw'}
 
+    def login_each(self, clients, user='alice', password='pw'):
+        """LOGIN on every client; (ok, refused with NO [UNAVAILABLE], all
+        answers). Any other answer fails the test."""
+        answers = [c.login(user, password, tag='e%d' % i)[1] for i, c in enumerate(clients)]
+        ok = [a for a in answers if re.match(rb'^e\d+ OK', a)]
+        refused = [a for a in answers if re.match(rb'^e\d+ NO \[UNAVAILABLE\]', a)]
+        self.assertEqual(len(ok) + len(refused), len(answers), answers)
+        return ok, refused, answers
+
     def setUp(self):
         super().setUp()
         # Dovecot slows down failed logins per client IP by itself (anvil's
@@ -587,13 +596,7 @@ class Hostile(ProxyTest):
             cpu0 = proc_cpu_seconds(bpid)
             time.sleep(2.0)
             cpu = proc_cpu_seconds(bpid) - cpu0
-            answers = []
-            for i, c in enumerate(clients):
-                _, tagged = c.login('alice', 'pw', tag='e%d' % i)
-                answers.append(tagged)
-            ok = [a for a in answers if re.match(rb'^e\d+ OK', a)]
-            refused = [a for a in answers if re.match(rb'^e\d+ NO \[UNAVAILABLE\]', a)]
-            self.assertEqual(len(ok) + len(refused), len(answers), answers)
+            ok, refused, answers = self.login_each(clients)
             self.assertGreater(len(refused), 0, 'no refusal at RLIMIT_NOFILE %d' % limit)
             self.assertLess(cpu, 0.5, 'broker CPU %.2fs in 2 s while out of fds: a busy loop' % cpu)
             self.assertTrue(self.px.broker.alive())
@@ -615,13 +618,8 @@ class Hostile(ProxyTest):
         px = LimitedProxy(self.tmp, self.dc, nofile=200, cache_size=100)
         self.px = px
         clients = [self.raw() for _ in range(60)]
-        answers = []
-        for i, c in enumerate(clients):
-            _, tagged = c.login('alice', 'pw', tag='p%d' % i)
-            answers.append(tagged)
-        refused = [a for a in answers if re.match(rb'^p\d+ NO \[UNAVAILABLE\]', a)]
-        ok = [a for a in answers if re.match(rb'^p\d+ OK', a)]
-        self.assertEqual(len(ok) + len(refused), 60, answers)
+        ok, refused, answers = self.login_each(clients)
+        self.assertEqual(len(answers), 60)
         self.assertGreater(len(refused), 0, answers)
         self.assertGreater(len(ok), 0, answers)
         for c in clients:
