@@ -89,7 +89,7 @@ static void peer_free(Peer *p) {
                 b->peers = p->next;
         if (p->next)
                 p->next->prev = p->prev;
-        if (p->role == IPC_ROLE_SESSION)
+        if (p->role != IPC_ROLE_ADMIN)
                 b->n_peers--;
         free(p);
         broker_update_status(b);
@@ -276,10 +276,10 @@ static int peer_dispatch(Peer *p, IpcMessage *m) {
                 }
                 p->role = m->u.hello.role;
                 if (p->role == IPC_ROLE_ADMIN) {
+                        b->n_peers--; /* imapproxyctl is not a client */
                         peer_enter_state(p, PEER_ADMIN);
                         return admin_hello(p);
                 }
-                b->n_peers++;
                 stats_note_clients(&b->stats, b->n_peers);
                 b->stats.clients_total++;
                 if (backend_probe_first_pending(b)) {
@@ -473,6 +473,7 @@ static int listen_on_accept(sd_event_source *s, int fd, uint32_t revents, void *
                 if (p->next)
                         p->next->prev = p;
                 b->peers = p;
+                b->n_peers++; /* counts against max_peers from now: hello or not */
         }
 }
 

@@ -634,6 +634,21 @@ class Hostile(ProxyTest):
         wait_until(lambda: proc_fd_count(bpid) < 40, 15, 0.1,
                    'the broker to see the sessions leave')
         self.assertServes()
+        # Local connections that never say hello count against the cap too:
+        # they hold broker fds like sessions do.
+        silent = []
+        try:
+            for _ in range(len(ok) + 5):
+                u = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                u.connect(px.broker_socket)
+                silent.append(u)
+            _, tagged = self.raw().login('alice', 'pw')
+            self.assertRegex(tagged, rb'^L1 NO \[UNAVAILABLE\]', 'a login past %d silent peers' % len(silent))
+        finally:
+            for u in silent:
+                u.close()
+        wait_until(lambda: proc_fd_count(bpid) < 40, 15, 0.1, 'the broker to see the silent peers leave')
+        self.assertServes()
 
 
 class LimitedProxy(Proxy):
