@@ -32,9 +32,9 @@
  */
 #include <stdio.h>
 #include <string.h>
-#include <strings.h>
 
 #include "imap-trace.h"
+#include "macro.h"
 
 #define REDACTED "[redacted]"
 
@@ -65,10 +65,6 @@ static size_t next_word(const char *line, size_t len, size_t *pos, const char **
         return e - b;
 }
 
-static bool word_is(const char *w, size_t wl, const char *s) {
-        return wl == strlen(s) && strncasecmp(w, s, wl) == 0;
-}
-
 /* Client line complete: redact in place. */
 static void redact_client(ImapTrace *t, ImapTraceStream *s) {
         const char *tag, *cmd, *mech;
@@ -76,7 +72,7 @@ static void redact_client(ImapTrace *t, ImapTraceStream *s) {
 
         /* A line of one word is no command (DONE ends IDLE): it is a SASL
          * response, even one sent after the server refused AUTHENTICATE. */
-        bool one_word = !memchr(s->line, ' ', s->len) && !s->truncated && !word_is(s->line, s->len, "DONE");
+        bool one_word = !memchr(s->line, ' ', s->len) && !s->truncated && ascii_strcasecmp_n(s->line, s->len, "DONE") != 0;
         if (t->in_auth || (one_word && s->len > 0)) {
                 memcpy(s->line, REDACTED, sizeof(REDACTED));
                 s->len = sizeof(REDACTED) - 1;
@@ -93,9 +89,9 @@ static void redact_client(ImapTrace *t, ImapTraceStream *s) {
                 return;
         }
         size_t keep;
-        if (word_is(cmd, cl, "LOGIN"))
+        if (ascii_strcasecmp_n(cmd, cl, "LOGIN") == 0)
                 keep = (size_t) (cmd - s->line) + cl;
-        else if (word_is(cmd, cl, "AUTHENTICATE")) {
+        else if (ascii_strcasecmp_n(cmd, cl, "AUTHENTICATE") == 0) {
                 size_t ml = next_word(s->line, s->len, &pos, &mech);
                 keep = ml ? (size_t) (mech - s->line) + ml : (size_t) (cmd - s->line) + cl;
                 t->in_auth = true;

@@ -106,7 +106,7 @@ static char *socket_path(void) {
         char err[512];
         if (config_init(&cfg) < 0)
                 die("out of memory");
-        if (config_load_file(&cfg, path, quiet_warn, NULL, err, sizeof(err)) < 0)
+        if (config_load(&cfg, path, quiet_warn, NULL, err, sizeof(err)) < 0) /* with PATH.d drop-ins, like the daemons */
                 die("%s", err);
         char *s = strdup(cfg.broker_socket);
         config_done(&cfg);

@@ -296,6 +296,7 @@ static int session_serve(Session *s) {
                 s->pending = NULL;
         }
 out:
+        session_retry_disarm(s); /* armed at login; the relay normally disarms it */
         free(s->trace); /* imapproxyctl trace state (one allocation, see trace.c) */
         s->trace = NULL;
         s->broker_fd = safe_close(s->broker_fd);
@@ -330,19 +331,29 @@ static void fork_server_reexec(char **argv, const char *why) {
         (void) unsetenv("LISTEN_FDS");
 }
 
+/* The configuration: -f FILE (its absence is an error), or the default
+ * path (its absence means the defaults), with drop-ins. err is "" unless
+ * config_load() said why. */
+static int load_config(Config *c, char *err, size_t errsize) {
+        int r = config_init(c);
+
+        err[0] = '\0';
+        if (r < 0)
+                return r;
+        r = config_load(c, arg_config, config_warn, NULL, err, errsize);
+        if (r == -ENOENT && !arg_config_explicit)
+                return 0;
+        return r;
+}
+
 /* SIGHUP: would the new image start? The configuration must load, and for
  * imapproxy-session-tls the certificate, key and priority string too. A
  * refusal is logged with the reason; the running process goes on. */
 static int fork_server_reload_check(void) {
         Config c;
-        char err[512] = "";
-        int r = config_init(&c);
+        char err[512];
+        int r = load_config(&c, err, sizeof(err));
 
-        if (r >= 0) {
-                r = config_load(&c, arg_config, config_warn, NULL, err, sizeof(err));
-                if (r == -ENOENT && !arg_config_explicit)
-                        r = 0; /* no config file: defaults, as at start */
-        }
         if (r < 0 && err[0])
                 log_error("reload refused, the running configuration stays: %s", err);
         else if (r < 0)
@@ -498,14 +509,9 @@ int main(int argc, char **argv) {
                         s->client_out = STDIN_FILENO; /* one socket: use one fd */
         }
 
-        r = config_init(&s->cfg);
-        if (r >= 0) {
-                r = config_load(&s->cfg, arg_config, config_warn, NULL, err, sizeof(err));
-                if (r == -ENOENT && !arg_config_explicit)
-                        r = 0; /* no config file: defaults */
-                else if (r < 0)
-                        log_error("%s", err);
-        }
+        r = load_config(&s->cfg, err, sizeof(err));
+        if (r < 0 && err[0])
+                log_error("%s", err);
         if (r < 0) {
 #ifndef SESSION_TLS /* (a TLS client would not understand it) */
                 static const char bye[] = "* BYE [UNAVAILABLE] Proxy misconfigured.\r\n";

@@ -101,6 +101,20 @@ class Ctl(CtlBase):
 
     # -- stats
 
+    def test_a0_socket_from_a_drop_in(self):
+        """imapproxyctl -f FILE reads FILE.d/*.conf like the daemons: a
+        broker_socket set in a drop-in wins over the main file's."""
+        conf = os.path.join(self.tmp, 'ctl-dropin.conf')
+        with open(conf, 'w') as f:
+            f.write('broker_socket %s\n' % os.path.join(self.tmp, 'nothing-here.sock'))
+        os.makedirs(conf + '.d', exist_ok=True)
+        with open(os.path.join(conf + '.d', 'socket.conf'), 'w') as f:
+            f.write('broker_socket %s\n' % self.px.broker_socket)
+        r = subprocess.run([CTL, '-f', conf, 'stats'], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, timeout=20)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertIn('logins', r.stdout)
+
     def test_a_stats_counts_logins_and_reuses(self):
         self.assertFalse(self.once('alice', ALICE_PW))
         self.assertTrue(self.once('alice', ALICE_PW))
