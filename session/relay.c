@@ -120,7 +120,7 @@ typedef struct Relay {
 
         /* while s->retry_armed: every client byte so far, for the retry */
         uint8_t *replay;
-        size_t replay_len;
+        size_t replay_len, replay_cap;
         bool backend_dead_early;
 } Relay;
 
@@ -130,7 +130,7 @@ static void replay_drop(Relay *r) {
                 free(r->replay);
         }
         r->replay = NULL;
-        r->replay_len = 0;
+        r->replay_len = r->replay_cap = 0;
 }
 
 /* The backend answered (or a retry could no longer be transparent). */
@@ -146,9 +146,24 @@ static void replay_record(Relay *r, const uint8_t *p, size_t n) {
                 retry_disarm(r);
                 return;
         }
-        if (!r->replay && !(r->replay = malloc(REPLAY_MAX))) {
-                retry_disarm(r);
-                return;
+        if (r->replay_len + n > r->replay_cap) {
+                /* usually one command line before the backend answers: start small */
+                size_t cap = MAX(r->replay_cap, (size_t) 1024);
+                while (cap < r->replay_len + n)
+                        cap *= 2;
+                cap = MIN(cap, (size_t) REPLAY_MAX);
+                uint8_t *q = malloc(cap);
+                if (!q) {
+                        retry_disarm(r);
+                        return;
+                }
+                if (r->replay) {
+                        memcpy(q, r->replay, r->replay_len);
+                        explicit_bzero(r->replay, r->replay_len);
+                        free(r->replay);
+                }
+                r->replay = q;
+                r->replay_cap = cap;
         }
         memcpy(r->replay + r->replay_len, p, n);
         r->replay_len += n;
